@@ -1,0 +1,1 @@
+"""anima_ft.observability"""

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install anima_ft with its dependencies.
+# The CPU build of torch is pinned first so that no dependency pulls a multi-GB CUDA build.
+# Usage: source launch/setup_env.sh   (from the repository root; VENV overrides the location)
+set -euo pipefail
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+stamp="$VENV/.anima_ft_installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q "$TORCH_SPEC"
+  python -m pip install -q -e ".[dev]"
+  touch "$stamp"
+fi
+set +euo pipefail
