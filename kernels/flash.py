@@ -1,0 +1,278 @@
+"""Flash attention (forward and backward) in the ``[B, L, H, D]`` layout with an optional boolean key mask.
+
+Shape legend: B batch, Lq / Lk query / key length, H heads, D head dim; BLOCK_M query rows and BLOCK_N keys per tile.
+
+Forward, per query row ``i`` (online softmax over key tiles, base-2 exponentials, ``c = log2(e) / sqrt(D)``)::
+
+    s_ij = c * q_i . k_j            (-inf where key j is masked or out of range)
+    m_i  = max_j s_ij,   l_i = sum_j 2^(s_ij - m_i),   o_i = sum_j 2^(s_ij - m_i) v_j / l_i
+    lse_i = m_i + log2(l_i)         (saved for the backward)
+
+A row with no valid key (``l_i = 0``) gets ``o_i = 0`` and ``lse_i = +inf``, so every probability the backward
+recomputes, ``p_ij = 2^(s_ij - lse_i)``, is exactly 0 there and all gradients through the row vanish (spec pitfall 3).
+
+Backward with ``delta_i = o_i . do_i`` and ``dS_ij = p_ij (do_i . v_j - delta_i)``::
+
+    dv_j = sum_i p_ij do_i,     dk_j = sum_i dS_ij q_i / sqrt(D),     dq_i = sum_j dS_ij k_j / sqrt(D)
+
+Two kernels recompute ``p`` (one per key tile for dk/dv, one per query tile for dq), so no atomics are needed;
+dq and dk are written in fp32 because the RMSNorm/RoPE backward consumes them next.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import MIN_DOT_DIM, autotune_configs, next_pow2
+
+LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2
+
+_FWD_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)]
+    ],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+)
+_BWD_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
+    ],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+)
+
+
+@triton.jit
+def _load_tile(PTR, offs_l, l_ok, offs_d, d_ok, stride_l):
+    """Load a ``[len(offs_l), BLOCK_D]`` tile of one (batch, head); zeros outside the valid rows / dims."""
+    ptrs = PTR + offs_l.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
+    return tl.load(ptrs, mask=l_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK: tl.constexpr):
+    """True for keys inside ``Lk`` and (with a mask) marked valid."""
+    valid = offs_n < Lk
+    if HAS_MASK:
+        km = tl.load(KMASK + b * stride_mb + offs_n, mask=valid, other=0)
+        valid = valid & (km != 0)
+    return valid
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["D", "LEN_KEY", "HAS_MASK"])
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, KMASK, OUT, LSE,
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ol, stride_oh, stride_mb,
+    H, Lq, Lk, D, qk_scale, LEN_KEY,
+    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, m_ok, offs_d, d_ok, stride_ql)
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
+        k = _load_tile(k_base, offs_n, offs_n < Lk, offs_d, d_ok, stride_kl)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid (-inf) - (-inf) on all-masked tiles
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_tile(v_base, offs_n, offs_n < Lk, offs_d, d_ok, stride_vl)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_ol
+    tl.store(o_ptrs + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(OUT, DO, DELTA, H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``delta[b, h, i] = o_i . do_i`` in fp32; OUT and DO contiguous ``[B, Lq, H, D]``."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    base = b.to(tl.int64) * Lq * H * D + h * D
+    o = _load_tile(OUT + base, offs_m, m_ok, offs_d, d_ok, H * D).to(tl.float32)
+    do = _load_tile(DO + base, offs_m, m_ok, offs_d, d_ok, H * D).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["D", "LEN_KEY", "HAS_MASK"])
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, KMASK, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_mb, H, Lq, Lk, D, sm_scale, qk_scale, LEN_KEY,
+    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Lk
+    d_ok = offs_d < D
+    valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
+    k = _load_tile(K + b.to(tl.int64) * stride_kb + h * stride_kh, offs_n, n_ok, offs_d, d_ok, stride_kl)
+    v = _load_tile(V + b.to(tl.int64) * stride_vb + h * stride_vh, offs_n, n_ok, offs_d, d_ok, stride_vl)
+    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    do_base = DO + b.to(tl.int64) * Lq * H * D + h * D  # DO is contiguous [B, Lq, H, D]
+    row_base = pid_bh.to(tl.int64) * Lq
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, Lq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Lq
+        q = _load_tile(q_base, offs_m, m_ok, offs_d, d_ok, stride_ql)
+        do = _load_tile(do_base, offs_m, m_ok, offs_d, d_ok, H * D)
+        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
+        p_t = tl.where(valid[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    out = b.to(tl.int64) * Lk * H * D + h * D + offs_n.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+    nd_ok = n_ok[:, None] & d_ok[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["D", "LEN_KEY", "HAS_MASK"])
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, KMASK, DO, LSE, DELTA, DQ,
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_mb, H, Lq, Lk, D, sm_scale, qk_scale, LEN_KEY,
+    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, m_ok, offs_d, d_ok, stride_ql)
+    do_base = DO + b.to(tl.int64) * Lq * H * D + h * D
+    do = _load_tile(do_base, offs_m, m_ok, offs_d, d_ok, H * D)
+    row_base = pid_bh.to(tl.int64) * Lq
+    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
+        k = _load_tile(k_base, offs_n, n_ok, offs_d, d_ok, stride_kl)
+        v = _load_tile(v_base, offs_n, n_ok, offs_d, d_ok, stride_vl)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    out = b.to(tl.int64) * Lq * H * D + h * D + offs_m.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _len_key(n: int) -> int:
+    """Autotune bucket for a sequence length (power of two), so varying caption lengths do not re-tune."""
+    return next_pow2(n, 16)
+
+
+def flash_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` (last dim contiguous), ``key_mask`` bool/uint8 ``[B, Lk]``.
+
+    Returns ``(o [B, Lq, H, D] contiguous in q.dtype, lse [B, H, Lq] fp32 in base-2 units)``.
+    """
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    o = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    if B * H * Lq == 0:
+        return o, lse
+    mask = key_mask if key_mask is not None else lse  # dummy pointer when HAS_MASK is False
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, mask, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        key_mask.stride(0) if key_mask is not None else 0,
+        H, Lq, Lk, D, LOG2E / math.sqrt(D), _len_key(min(Lq, Lk)),
+        HAS_MASK=key_mask is not None, BLOCK_D=next_pow2(D, MIN_DOT_DIM),
+    )
+    return o, lse
+
+
+def flash_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`flash_forward`. Returns ``(dq fp32, dk fp32, dv in v.dtype)``, all contiguous."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    do = do.contiguous()
+    dq = torch.empty((B, Lq, H, D), device=q.device, dtype=torch.float32)
+    dk = torch.empty((B, Lk, H, D), device=q.device, dtype=torch.float32)
+    dv = torch.empty((B, Lk, H, D), device=q.device, dtype=v.dtype)
+    if B * H == 0 or Lk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if Lq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    block_d = next_pow2(D, MIN_DOT_DIM)
+    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    _attn_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](o, do, delta, H, Lq, D, BLOCK_M=64, BLOCK_D=block_d)
+    mask = key_mask if key_mask is not None else lse
+    args = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), key_mask.stride(0) if key_mask is not None else 0,
+        H, Lq, Lk, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D), _len_key(min(Lq, Lk)),
+    )
+    consts = {"HAS_MASK": key_mask is not None, "BLOCK_D": block_d}
+    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)
+    _attn_bwd_dkdv_kernel[grid_kv](q, k, v, mask, do, lse, delta, dk, dv, *args, **consts)
+    grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    _attn_bwd_dq_kernel[grid_q](q, k, v, mask, do, lse, delta, dq, *args, **consts)
+    return dq, dk, dv
