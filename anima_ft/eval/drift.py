@@ -54,18 +54,24 @@ class DriftStats:
     @property
     def rel(self) -> float:
         """``||b - a|| / ||a||`` (inf when ``a`` is all zero and ``b`` is not, 0 when both are zero)."""
-        if self.sq_a == 0.0:
-            return 0.0 if self.sq_diff == 0.0 else math.inf
-        return math.sqrt(self.sq_diff / self.sq_a)
+        return rel_and_cos(self.sq_diff, self.sq_a, self.sq_b, self.dot)[0]
 
     @property
     def cos(self) -> float:
         """Cosine similarity ``<a, b> / (||a|| ||b||)`` (1.0 when both are zero, nan when exactly one is)."""
-        if self.sq_a == 0.0 and self.sq_b == 0.0:
-            return 1.0
-        if self.sq_a == 0.0 or self.sq_b == 0.0:
-            return math.nan
-        return self.dot / math.sqrt(self.sq_a * self.sq_b)
+        return rel_and_cos(self.sq_diff, self.sq_a, self.sq_b, self.dot)[1]
+
+
+def rel_and_cos(sq_diff: float, sq_a: float, sq_b: float, dot: float) -> tuple[float, float]:
+    """``(||b-a|| / ||a||, <a,b> / (||a|| ||b||))`` from the four sums, with the zero-norm cases of DriftStats."""
+    rel = math.sqrt(sq_diff / sq_a) if sq_a > 0 else (0.0 if sq_diff == 0 else math.inf)
+    if sq_a == 0 and sq_b == 0:
+        cos = 1.0
+    elif sq_a == 0 or sq_b == 0:
+        cos = math.nan
+    else:
+        cos = dot / math.sqrt(sq_a * sq_b)
+    return rel, cos
 
 
 def tensor_stats(a: torch.Tensor, b: torch.Tensor) -> DriftStats:

@@ -105,7 +105,8 @@ def sample_losses(
     device, dtype, _ = _param_info(core)
     work = torch.promote_types(dtype, torch.float32)  # float64 models keep float64 math
     cond = collate_condition(sample, device, dtype)
-    ctx = core.encode_context(**cond) if split_context else None
+    args = (cond["qwen_states"], cond["qwen_mask"], cond["t5_ids"], cond["t5_mask"])
+    ctx = core.encode_context(*args) if split_context else None
     x0 = sample.latents.to(device=device, dtype=work)[None, :, None]  # [1, C, 1, h, w]
     shape = x0.shape[1:]
     out = torch.empty(len(sigmas), dtype=torch.float64)
@@ -117,8 +118,7 @@ def sample_losses(
         if split_context:
             pred = core.denoise(x_t, t, ctx.expand(num_noises, -1, -1))
         else:
-            rep = {k: v.expand(num_noises, *v.shape[1:]) for k, v in cond.items()}
-            pred = model(x_t, t, rep["qwen_states"], rep["qwen_mask"], rep["t5_ids"], rep["t5_mask"])
+            pred = model(x_t, t, *(a.expand(num_noises, *a.shape[1:]) for a in args))
         target = eps.double() - x0.double()
         per_noise = (pred.double() - target).pow(2).flatten(1).mean(dim=1)  # [K]
         out[j] = per_noise.mean().cpu()
