@@ -1,0 +1,65 @@
+"""Generate the DeepSpeed config dict from our :class:`Config` (never kept by hand beside it)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from .schema import Config
+
+logger = logging.getLogger(__name__)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> list[str]:
+    """Merge ``extra`` into ``base`` in place; returns the dotted keys that were set."""
+    changed = []
+    for key, value in extra.items():
+        full = f"{path}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            changed += _deep_merge(base[key], value, full + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+            changed.append(full)
+    return changed
+
+
+def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``deepspeed.initialize``; ``dist.deepspeed_overrides`` is merged last and logged.
+
+    Learning rates and schedules are driven by the trainer (per group, per stage), so no ``optimizer`` or
+    ``scheduler`` section is generated: the trainer passes a torch AdamW, which needs no compiled DeepSpeed op.
+    """
+    d, b = cfg.dist, cfg.batch
+    zero: dict[str, Any] = {
+        "stage": d.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": False,
+        "reduce_bucket_size": 50_000_000,
+        "allgather_bucket_size": 50_000_000,
+    }
+    if d.zero_stage == 3:
+        zero.update(
+            stage3_param_persistence_threshold=100_000,
+            stage3_prefetch_bucket_size=50_000_000,
+            stage3_gather_16bit_weights_on_model_save=False,  # export reads the fp32 shards on CPU instead
+        )
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": b.micro_batch_size,
+        "gradient_accumulation_steps": b.grad_accum_steps,
+        "train_batch_size": b.micro_batch_size * b.grad_accum_steps * world_size,
+        "gradient_clipping": float(d_clip) if (d_clip := cfg.optim.grad_clip) else 0.0,
+        "bf16": {"enabled": d.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if d.deepspeed_overrides:
+        changed = _deep_merge(ds, dict(d.deepspeed_overrides))
+        logger.warning("dist.deepspeed_overrides set DeepSpeed keys: %s", ", ".join(changed))
+    return ds
