@@ -11,7 +11,7 @@ Shape legend: C latent channels (16), h/w latent height/width, S Qwen tokens, Cq
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,36 +83,30 @@ def collate_condition(sample: EvalSample, device: torch.device | str, dtype: tor
     return {"qwen_states": qwen, "qwen_mask": qmask, "t5_ids": t5, "t5_mask": torch.ones_like(t5, dtype=torch.bool)}
 
 
-def load_shard_eval_set(paths: Iterable[str | Path], limit: int | None = None) -> list[EvalSample]:
-    """Read an eval set from ``anima-ft prepare`` webdataset shards (files or directories of ``*.tar``).
+def load_shard_eval_set(shards: str | Path | Sequence[str | Path], name: str = "eval",
+                        limit: int | None = None) -> list[EvalSample]:
+    """Read an eval set from ``anima-ft prepare`` shards (a directory, a glob, or a list of ``.tar`` paths).
 
-    Samples are sorted by key so the set is the same whatever order the shards list in. ``limit`` keeps the first
+    Every sample is decoded and checked once (``validate="full"``); broken samples are skipped with a warning by
+    the shard reader. Samples are sorted by key so the set does not depend on shard order; ``limit`` keeps the first
     ``limit`` keys after sorting.
     """
-    from anima_ft.data import read_samples  # the shard reader owns the on-disk format
+    from anima_ft.data.sources import ShardReader, SourceSpec, build_catalog  # owner of the on-disk format
 
-    tars: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            tars += sorted(p.glob("*.tar"))
-        elif p.exists():
-            tars.append(p)
-        else:
-            raise ValueError(f"eval-set path {str(p)!r} does not exist: give shard .tar files or a directory of them")
-    if not tars:
-        raise ValueError(f"no .tar shards found under {[str(p) for p in paths]}: run `anima-ft prepare` first")
+    spec = [str(shards)] if isinstance(shards, (str, Path)) else [str(p) for p in shards]
+    catalog = build_catalog([SourceSpec(name, spec)], validate="full")
+    reader = ShardReader(catalog)
     samples = []
-    for rec in read_samples([str(t) for t in tars]):
-        samples.append(
-            EvalSample(
-                key=str(rec["key"]),
-                latents=torch.as_tensor(rec["latents"]).float(),
-                qwen_states=torch.as_tensor(rec["qwen_states"]).float(),
-                t5_ids=torch.as_tensor(rec["t5_ids"]).long(),
-                caption=str(rec.get("caption", "")),
-            )
-        )
+    try:
+        for entry in catalog.entries:
+            rec = reader.read_entry(entry)
+            samples.append(EvalSample(key=str(entry["key"]), latents=rec["latent"].float(),
+                                      qwen_states=rec["qwen_states"].float(), t5_ids=rec["t5_ids"].long(),
+                                      caption=str(rec["meta"].get("caption", ""))))
+    finally:
+        reader.close()
     samples.sort(key=lambda s: s.key)
+    logger.info("eval set %r: %d samples from %s", name, len(samples), spec)
     return samples[:limit] if limit else samples
 
 
