@@ -1,1 +1,67 @@
-"""Fused kernels for the Anima hot path (Triton) beside their plain-PyTorch references (kernels/reference.py)."""
+"""Fused kernels for the Anima hot path (Triton) beside their plain-PyTorch references (kernels/reference.py).
+
+Importing this package never imports Triton: the kernel modules (``kernels.attention``, ``kernels.adaln``) load
+lazily, so CPU-only machines without Triton can import ``kernels`` and use ``kernels.reference``.
+
+Public entry points (same arguments and semantics as the functions of the same name in ``kernels.reference``)::
+
+    kernels.qk_norm_rope_attention(q, k, v, q_norm_weight, k_norm_weight, *, rope_q, rope_k, key_mask_B_Lk, eps)
+    kernels.modulated_layer_norm(x, shift, scale, eps)
+    kernels.gated_residual_modulated_layer_norm(x, gate, y, shift, scale, eps)
+
+Each resolves on first use to the Triton implementation; call :func:`triton_available` first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Any
+
+__all__ = [
+    "gated_residual_modulated_layer_norm",
+    "get_adaln",
+    "get_attention",
+    "modulated_layer_norm",
+    "qk_norm_rope_attention",
+    "triton_available",
+]
+
+_LAZY = {
+    "qk_norm_rope_attention": "kernels.attention",
+    "modulated_layer_norm": "kernels.adaln",
+    "gated_residual_modulated_layer_norm": "kernels.adaln",
+}
+
+
+def triton_available() -> bool:
+    """True when Triton is importable and can run here: a CUDA GPU is present, or ``TRITON_INTERPRET=1``."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # a broken CUDA install reads as "no GPU"
+        return False
+
+
+def get_attention():
+    """The Triton ``qk_norm_rope_attention`` (imports Triton; raises ``ImportError`` when it is missing)."""
+    return importlib.import_module("kernels.attention").qk_norm_rope_attention
+
+
+def get_adaln() -> tuple[Any, Any]:
+    """The Triton ``(modulated_layer_norm, gated_residual_modulated_layer_norm)`` pair (imports Triton)."""
+    mod = importlib.import_module("kernels.adaln")
+    return mod.modulated_layer_norm, mod.gated_residual_modulated_layer_norm
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy access to the Triton entry points listed in ``_LAZY`` (PEP 562)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")

@@ -71,7 +71,8 @@ def _attn_fwd_kernel(
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     stride_ob, stride_ol, stride_oh, stride_mb,
     H, Lq, Lk, D, qk_scale, LEN_KEY,
-    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -91,7 +92,7 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
         k = _load_tile(k_base, offs_n, offs_n < Lk, offs_d, d_ok, stride_kl)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid (-inf) - (-inf) on all-masked tiles
@@ -99,7 +100,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_tile(v_base, offs_n, offs_n < Lk, offs_d, d_ok, stride_vl)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -133,7 +134,8 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, KMASK, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     stride_mb, H, Lq, Lk, D, sm_scale, qk_scale, LEN_KEY,
-    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -158,12 +160,12 @@ def _attn_bwd_dkdv_kernel(
         do = _load_tile(do_base, offs_m, m_ok, offs_d, d_ok, H * D)
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         p_t = tl.where(valid[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
     out = b.to(tl.int64) * Lk * H * D + h * D + offs_n.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
     nd_ok = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=nd_ok)
@@ -176,7 +178,8 @@ def _attn_bwd_dq_kernel(
     Q, K, V, KMASK, DO, LSE, DELTA, DQ,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     stride_mb, H, Lq, Lk, D, sm_scale, qk_scale, LEN_KEY,
-    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -201,13 +204,18 @@ def _attn_bwd_dq_kernel(
         valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
         k = _load_tile(k_base, offs_n, n_ok, offs_d, d_ok, stride_kl)
         v = _load_tile(v_base, offs_n, n_ok, offs_d, d_ok, stride_vl)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     out = b.to(tl.int64) * Lq * H * D + h * D + offs_m.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
     tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products ("ieee", the correctness path); 16-bit inputs use the tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _len_key(n: int) -> int:
@@ -236,7 +244,7 @@ def flash_forward(
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         key_mask.stride(0) if key_mask is not None else 0,
         H, Lq, Lk, D, LOG2E / math.sqrt(D), _len_key(min(Lq, Lk)),
-        HAS_MASK=key_mask is not None, BLOCK_D=next_pow2(D, MIN_DOT_DIM),
+        HAS_MASK=key_mask is not None, DOT_PREC=_dot_precision(q.dtype), BLOCK_D=next_pow2(D, MIN_DOT_DIM),
     )
     return o, lse
 
@@ -270,7 +278,7 @@ def flash_backward(
         v.stride(0), v.stride(1), v.stride(2), key_mask.stride(0) if key_mask is not None else 0,
         H, Lq, Lk, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D), _len_key(min(Lq, Lk)),
     )
-    consts = {"HAS_MASK": key_mask is not None, "BLOCK_D": block_d}
+    consts = {"HAS_MASK": key_mask is not None, "DOT_PREC": _dot_precision(q.dtype), "BLOCK_D": block_d}
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)
     _attn_bwd_dkdv_kernel[grid_kv](q, k, v, mask, do, lse, delta, dk, dv, *args, **consts)
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
