@@ -1,0 +1,214 @@
+"""``MixedStream``: the streaming target/replay mixer the trainer iterates, one micro-batch per ``next``.
+
+Each rank builds the same catalog and planner (``plan.py``) and takes micro-batches ``j = a * W + rank`` of every
+global batch. With ``num_workers = n > 0`` a torch ``DataLoader`` runs n workers; worker k loads this rank's
+micro-batches ``i`` with ``i % n == k`` and the DataLoader returns them round-robin, so the sequence of batches is
+the same for every worker count. The main process advances its own copy of the planner as batches are consumed,
+so ``state_dict()`` is exact at every micro-step; prefetched batches are simply dropped on resume or reweighting.
+
+Batch (the batch contract): ``latents`` bf16 [B,16,h,w]; ``qwen_states`` bf16 [B,S,C] zero-padded to the batch max S
+(at least 1); ``qwen_mask`` bool [B,S]; ``t5_ids`` long [B,L] padded with 0; ``t5_mask`` bool [B,L]; ``source``
+(names), ``source_id`` long [B]; ``caption``; ``key``. A caption-dropped sample follows the spec's empty-caption
+convention: Qwen mask all False with zero states, T5 ids ``[1, 0, ...]`` with mask ``[1, 0, ...]``, caption "".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from anima_ft.data.plan import MicroBatchPlan, MixPlanner
+from anima_ft.data.shard_format import SampleError
+from anima_ft.data.sources import Catalog, ShardReader, SourceSpec, build_catalog
+
+log = logging.getLogger(__name__)
+T5_EOS = 1
+
+
+def collate(samples: list[dict], drop: list[bool], source_ids: list[int], names: list[str]) -> dict:
+    """Stack decoded samples of one bucket into a batch-contract dict (see the module docstring)."""
+    B = len(samples)
+    s_len = max([1] + [0 if d else s["qwen_states"].shape[0] for s, d in zip(samples, drop)])
+    t_len = max([1] + [0 if d else s["t5_ids"].shape[0] for s, d in zip(samples, drop)])
+    C = samples[0]["qwen_states"].shape[1]
+    qwen_B_S_C = torch.zeros(B, s_len, C, dtype=torch.bfloat16)
+    qwen_mask = torch.zeros(B, s_len, dtype=torch.bool)
+    t5_B_L = torch.zeros(B, t_len, dtype=torch.long)
+    t5_mask = torch.zeros(B, t_len, dtype=torch.bool)
+    for b, (sample, dropped) in enumerate(zip(samples, drop)):
+        if dropped:  # spec section 5: empty caption = no Qwen tokens, T5 = [</s>]
+            t5_B_L[b, 0], t5_mask[b, 0] = T5_EOS, True
+            continue
+        S, L = sample["qwen_states"].shape[0], sample["t5_ids"].shape[0]
+        qwen_B_S_C[b, :S] = sample["qwen_states"]
+        qwen_mask[b, :S] = True
+        t5_B_L[b, :L] = sample["t5_ids"]
+        t5_mask[b, :L] = True
+    return {
+        "latents": torch.stack([s["latent"] for s in samples]),
+        "qwen_states": qwen_B_S_C,
+        "qwen_mask": qwen_mask,
+        "t5_ids": t5_B_L,
+        "t5_mask": t5_mask,
+        "source": [names[s] for s in source_ids],
+        "source_id": torch.tensor(source_ids, dtype=torch.long),
+        "caption": ["" if d else s["meta"]["caption"] for s, d in zip(samples, drop)],
+        "key": [s["key"] for s in samples],
+    }
+
+
+class _RankStream(IterableDataset):
+    """This rank's micro-batches from a planner state; split across DataLoader workers by micro-batch index."""
+
+    def __init__(self, catalog: Catalog, planner_args: dict, planner_state: dict, micro: int, rank: int):
+        self.catalog, self.planner_args, self.planner_state = catalog, planner_args, planner_state
+        self.micro, self.rank = micro, rank
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        planner = MixPlanner(self.catalog, **self.planner_args)
+        planner.load_state_dict(self.planner_state)
+        reader = ShardReader(self.catalog)
+        i, skip = 0, self.micro
+        try:
+            while True:
+                plans = planner.next_global_batch()
+                for a in range(skip, planner.A):
+                    if i % num_workers == worker:
+                        yield self._load(plans[a * planner.W + self.rank], planner, reader)
+                    i += 1
+                skip = 0
+        finally:
+            reader.close()
+
+    def _load(self, plan: MicroBatchPlan, planner: MixPlanner, reader: ShardReader) -> dict:
+        samples, skips = [], Counter()
+        for source, sample_id, epoch, position in plan.samples:
+            candidates = [sample_id, *planner.following(source, plan.bucket, epoch, position)]
+            for k, candidate in enumerate(candidates):
+                try:
+                    sample = reader.read(candidate)
+                except SampleError as err:
+                    entry = self.catalog.entries[candidate]
+                    skips[err.reason] += 1
+                    log.warning("skipping sample %s in shard %s: %s", entry["key"],
+                                self.catalog.shard_paths[entry["shard"]], err)
+                    continue
+                sample["key"] = self.catalog.entries[candidate]["key"]
+                if k > 0:
+                    skips["replaced"] += 1
+                samples.append(sample)
+                break
+            else:
+                raise RuntimeError(f"source {self.catalog.names[source]!r} bucket {plan.bucket}: every sample failed "
+                                   "to decode; run with validate='full' to see which, or re-run prepare")
+        batch = collate(samples, plan.drop, [s for s, *_ in plan.samples], self.catalog.names)
+        batch["_skips"] = dict(skips)
+        return batch
+
+
+class MixedStream:
+    """Infinite, exactly mixed, exactly resumable stream of micro-batches for one data-parallel rank.
+
+    sources: the named sources and their weights (normalized; the replay share of every global batch of
+        ``B = micro_batch_size * grad_accum_steps * dp_world_size`` samples is within one of ``f * B``, exact when
+        ``f * B`` is an integer, with the error carried so the long-run share is exactly f).
+    caption_dropout: probability that a sample gets the empty caption (drawn from the seed, identical on resume).
+    expected_fingerprint: None, a fingerprint hash or a fingerprint dict that every shard must carry.
+    validate: "index" (cheap checks at start) or "full" (decode every sample at start); see ``sources.py``.
+    """
+
+    def __init__(self, sources: list[SourceSpec], micro_batch_size: int, grad_accum_steps: int = 1, dp_rank: int = 0,
+                 dp_world_size: int = 1, num_workers: int = 0, seed: int = 0, caption_dropout: float = 0.0,
+                 expected_fingerprint=None, validate: str = "index"):
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_world_size={dp_world_size})")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0")
+        self.catalog = build_catalog(sources, expected_fingerprint, validate)
+        self.rank, self.num_workers = dp_rank, num_workers
+        self._planner_args = {"micro_batch_size": micro_batch_size, "grad_accum_steps": grad_accum_steps,
+                              "world_size": dp_world_size, "seed": seed, "caption_dropout": caption_dropout}
+        self._planner = MixPlanner(self.catalog, {s.name: s.weight for s in sources}, **self._planner_args)
+        self._micro = 0  # micro-batches of the current global batch already consumed by this rank
+        self._pending: dict[str, float] | None = None
+        self._generation = 0  # bumped when the state changes outside the normal flow: live iterators restart
+        self._seen = Counter()
+        self._skipped = Counter(self.catalog.skipped)
+
+    @property
+    def fingerprint(self) -> dict:
+        """The encoder fingerprint shared by every shard."""
+        return self.catalog.fingerprint
+
+    def _open(self):
+        planner_args = {**self._planner_args, "weights": dict(zip(self.catalog.names, self._planner.weights))}
+        dataset = _RankStream(self.catalog, planner_args, self._planner.state_dict(), self._micro, self.rank)
+        if self.num_workers == 0:
+            return iter(dataset)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
+
+    def _consumed(self, batch: dict) -> None:
+        self._skipped.update(batch.pop("_skips"))
+        self._seen.update(batch["source"])
+        self._micro += 1
+        if self._micro == self._planner.A:
+            self._planner.next_global_batch()
+            self._micro = 0
+            if self._pending is not None:
+                self._planner.set_weights(self._pending)
+                self._pending = None
+                self._generation += 1
+
+    def __iter__(self):
+        while True:
+            generation = self._generation
+            batches = self._open()
+            for batch in batches:
+                self._consumed(batch)
+                yield batch
+                if generation != self._generation:
+                    break
+            del batches  # shuts DataLoader workers down before new ones start
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Change the source weights from the next global batch on (now, if between global batches)."""
+        self._planner.normalize_weights(weights)  # validate now, not at the boundary
+        if self._micro == 0:
+            self._planner.set_weights(weights)
+            self._generation += 1
+        else:
+            self._pending = dict(weights)
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly here: planner state, micro offset, pending weights, counters."""
+        return {
+            "planner": self._planner.state_dict(),
+            "micro": self._micro,
+            "pending_weights": self._pending,
+            "layout": {**self._planner_args, "sources": self.catalog.names, "dp_rank": self.rank},
+            "seen": dict(self._seen),
+            "skipped": dict(self._skipped),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` output; live iterators restart from the loaded position."""
+        layout = {**self._planner_args, "sources": self.catalog.names, "dp_rank": self.rank}
+        if state["layout"] != layout:
+            diff = {k: (state["layout"].get(k), v) for k, v in layout.items() if state["layout"].get(k) != v}
+            log.warning("data state was saved with a different layout %s (saved, now): the sample order from here "
+                        "on differs from an uninterrupted run", diff)
+        self._planner.load_state_dict(state["planner"])
+        self._micro = int(state["micro"]) % self._planner.A
+        self._pending = state["pending_weights"]
+        self._seen, self._skipped = Counter(state["seen"]), Counter(state["skipped"])
+        self._generation += 1
+
+    def stats(self) -> dict:
+        """``{"skipped": {reason: count}, "seen": {source: samples on this rank}, "global_step", "micro_step"}``."""
+        return {"skipped": dict(self._skipped), "seen": {n: self._seen.get(n, 0) for n in self.catalog.names},
+                "global_step": self._planner.step, "micro_step": self._micro}

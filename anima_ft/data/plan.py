@@ -1,0 +1,180 @@
+"""The deterministic mixing plan: which samples of which source and bucket fill every micro-batch of a global batch.
+
+Every rank and every loader worker runs the same planner from the same state, so the plan needs no communication;
+each consumer then loads only its own micro-batches. For global batch ``g`` with ``B = M * A * W`` samples
+(micro-batch size M, grad accumulation A, data-parallel world W):
+
+1. **Counts per source (exact mix with a carried error).** With normalized weights ``w_s`` and carry ``c_s``
+   (start 0): ``t_s = c_s + w_s * B``, ``n_s = max(0, floor(t_s))``, the ``B - sum(n_s)`` leftover samples go
+   to the largest fractional parts (ties to the earlier source), ``c_s <- t_s - n_s``. So ``sum n_s = B``, the
+   carry stays bounded, the long-run share is exactly ``w_s``, and with two sources ``n_s = w_s * B`` whenever
+   ``w_s * B`` is an integer (floor or ceil of it otherwise).
+2. **Slots.** The B labels are interleaved evenly (label k of source s sits at ``(k + 0.5) / n_s``), cut into
+   ``A * W`` chunks of M, and the chunks are assigned to micro-batch indices ``j = a * W + rank`` by a
+   permutation drawn from ``(seed, g)``.
+3. **Bucket per micro-batch.** Drawn from ``(seed, g)`` with probability proportional to the number of samples in
+   the bucket over all sources with positive weight, among the buckets every source needed by the chunk has. The
+   choice does not depend on which source is in the chunk, so the mix holds within every bucket over time.
+4. **Samples.** Each (source, bucket) pair walks its own permutation of its samples, reshuffled per epoch from
+   ``(seed, source name, bucket, epoch)``; every epoch of a pair uses each of its samples exactly once.
+5. **Caption dropout** flags are drawn per slot from ``(seed, g)``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from anima_ft.data.sources import Bucket, Catalog
+
+
+@dataclass
+class MicroBatchPlan:
+    """One micro-batch: ``samples[k] = (source, sample_id, epoch, position)`` of slot k, all in ``bucket``."""
+
+    step: int
+    index: int  # j = accum_index * world_size + rank
+    bucket: Bucket
+    samples: list[tuple[int, int, int, int]]
+    drop: list[bool]
+
+
+def split_counts(weights: list[float], carry: list[float], total: int) -> tuple[list[int], list[float]]:
+    """Step 1 of the module docstring: ``(counts, new_carry)`` for one global batch of ``total`` samples.
+
+    Counts never go negative (a negative target gets 0); if clamping over-allocates, the sources most over their
+    target give one back. Sources with weight 0 get nothing and their carry is reset.
+    """
+    active = [s for s, w in enumerate(weights) if w > 0]
+    targets = [carry[s] + w * total if w > 0 else 0.0 for s, w in enumerate(weights)]
+    counts = [max(0, math.floor(t)) for t in targets]
+    extra = total - sum(counts)
+    if extra >= 0:
+        order = sorted(active, key=lambda s: (-(targets[s] - counts[s]), s))
+        for s in order[:extra]:
+            counts[s] += 1
+    else:
+        order = sorted((s for s in active if counts[s] > 0), key=lambda s: (targets[s] - counts[s], s))
+        for s in order[:-extra]:
+            counts[s] -= 1
+    return counts, [t - n for t, n in zip(targets, counts)]
+
+
+class MixPlanner:
+    """Stateful planner; ``next_global_batch()`` returns the W * A micro-batch plans of the next global batch."""
+
+    def __init__(self, catalog: Catalog, weights: dict[str, float], micro_batch_size: int, grad_accum_steps: int,
+                 world_size: int, seed: int, caption_dropout: float = 0.0):
+        if micro_batch_size < 1 or grad_accum_steps < 1 or world_size < 1:
+            raise ValueError(f"micro_batch_size {micro_batch_size}, grad_accum_steps {grad_accum_steps} and "
+                             f"world_size {world_size} must all be >= 1")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout={caption_dropout} must be in [0, 1]")
+        self.catalog = catalog
+        self.M, self.A, self.W = micro_batch_size, grad_accum_steps, world_size
+        self.seed, self.caption_dropout = seed, caption_dropout
+        self.buckets = sorted({b for per in catalog.by_bucket for b in per})
+        self._tags = [zlib.crc32(n.encode()) for n in catalog.names]
+        self._perms: dict[tuple[int, Bucket], tuple[int, np.ndarray]] = {}
+        self.step = 0
+        self.carry = [0.0] * len(catalog.names)
+        self.cursors: dict[tuple[int, Bucket], list[int]] = {}  # (source, bucket) -> [epoch, position]
+        self.weights: list[float] = []
+        self.set_weights(weights)
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Replace the source weights (missing names get 0); the carried error is kept."""
+        self.weights = self.normalize_weights(weights)
+
+    def normalize_weights(self, weights: dict[str, float]) -> list[float]:
+        """Check ``{name: weight}`` against the catalog and return the normalized weights in source order."""
+        unknown = set(weights) - set(self.catalog.names)
+        if unknown:
+            raise ValueError(f"weights name unknown sources {sorted(unknown)}; sources are {self.catalog.names}")
+        raw = [float(weights.get(n, 0.0)) for n in self.catalog.names]
+        if any(w < 0 or not math.isfinite(w) for w in raw) or sum(raw) <= 0:
+            raise ValueError(f"source weights {dict(zip(self.catalog.names, raw))} must be finite, >= 0, sum > 0")
+        active = [s for s, w in enumerate(raw) if w > 0]
+        shared = set(self.catalog.by_bucket[active[0]]).intersection(*(self.catalog.by_bucket[s] for s in active))
+        if not shared:
+            raise ValueError(f"sources {[self.catalog.names[s] for s in active]} share no bucket, so no micro-batch "
+                             "can hold all of them; prepare them with the same bucket settings")
+        return [w / sum(raw) for w in raw]
+
+    def order(self, source: int, bucket: Bucket, epoch: int) -> np.ndarray:
+        """Sample ids of (source, bucket) in the order of ``epoch`` (a seeded permutation)."""
+        cached = self._perms.get((source, bucket))
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        ids = np.asarray(self.catalog.by_bucket[source][bucket], dtype=np.int64)
+        rng = np.random.default_rng([self.seed, 0xB0C, self._tags[source], bucket[0], bucket[1], epoch])
+        perm = ids[rng.permutation(len(ids))]
+        self._perms[(source, bucket)] = (epoch, perm)
+        return perm
+
+    def _draw(self, source: int, bucket: Bucket) -> tuple[int, int, int, int]:
+        cursor = self.cursors.setdefault((source, bucket), [0, 0])
+        order = self.order(source, bucket, cursor[0])
+        if cursor[1] >= len(order):
+            cursor[0], cursor[1] = cursor[0] + 1, 0
+            order = self.order(source, bucket, cursor[0])
+        out = (source, int(order[cursor[1]]), cursor[0], cursor[1])
+        cursor[1] += 1
+        return out
+
+    def following(self, source: int, bucket: Bucket, epoch: int, position: int):
+        """Sample ids after ``(epoch, position)`` in the pair's order, for at most one full epoch (replacements)."""
+        n = len(self.catalog.by_bucket[source][bucket])
+        for k in range(1, n + 1):
+            e, p = epoch + (position + k) // n, (position + k) % n
+            yield int(self.order(source, bucket, e)[p])
+
+    def next_global_batch(self) -> list[MicroBatchPlan]:
+        """Plan the next global batch (all ranks, all accumulation steps) and advance the state."""
+        num_micro = self.A * self.W
+        counts, self.carry = split_counts(self.weights, self.carry, self.M * num_micro)
+        labels = sorted((((k + 0.5) / n, s) for s, n in enumerate(counts) for k in range(n)))
+        chunks = [[s for _, s in labels[i * self.M : (i + 1) * self.M]] for i in range(num_micro)]
+        rng = np.random.default_rng([self.seed, 0x57E9, self.step])
+        chunks = [chunks[i] for i in rng.permutation(num_micro)]
+        sizes = np.array([sum(len(per.get(b, ())) for per, w in zip(self.catalog.by_bucket, self.weights) if w > 0)
+                          for b in self.buckets], dtype=np.float64)
+        plans = []
+        for j, chunk in enumerate(chunks):
+            needed = set(chunk)
+            ok = np.array([all(b in self.catalog.by_bucket[s] for s in needed) for b in self.buckets])
+            p = sizes * ok
+            bucket = self.buckets[int(rng.choice(len(self.buckets), p=p / p.sum()))]
+            drop = (rng.random(self.M) < self.caption_dropout).tolist()
+            samples = [self._draw(s, bucket) for s in chunk]
+            plans.append(MicroBatchPlan(self.step, j, bucket, samples, drop))
+        self.step += 1
+        return plans
+
+    def state_dict(self) -> dict:
+        """JSON-friendly state: step, weights and carry by source name, and every cursor."""
+        names = self.catalog.names
+        return {
+            "step": self.step,
+            "weights": dict(zip(names, self.weights)),
+            "carry": dict(zip(names, self.carry)),
+            "cursors": {f"{names[s]}|{b[0]}x{b[1]}": list(c) for (s, b), c in sorted(self.cursors.items())},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (source names must match this catalog's)."""
+        names = self.catalog.names
+        if set(state["weights"]) != set(names):
+            raise ValueError(f"planner state is for sources {sorted(state['weights'])}, this stream has {names}")
+        self.set_weights(state["weights"])
+        self.weights = [float(state["weights"][n]) for n in names]  # bit-exact, not renormalized
+        self.step = int(state["step"])
+        self.carry = [float(state["carry"][n]) for n in names]
+        self.cursors = {}
+        for key, cursor in state["cursors"].items():
+            name, size = key.rsplit("|", 1)
+            w, h = (int(v) for v in size.split("x"))
+            self.cursors[(names.index(name), (w, h))] = [int(cursor[0]), int(cursor[1])]

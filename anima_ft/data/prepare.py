@@ -1,0 +1,265 @@
+"""``prepare``: images + captions -> pre-encoded shards (``shard_format.py``), resumable and split across ranks.
+
+Inputs are folders of images with sidecar ``.txt`` captions, or webdataset tars as img2dataset writes them (``jpg``/
+``png``/``webp`` with ``txt`` or ``json`` holding ``caption``/``text``). Work is cut into units (a folder's sorted
+images in chunks of ``shard_size``; one unit per input tar); unit u is done by rank ``u % world_size`` and becomes
+``out_dir/UNIT.tar`` (+ index). A unit whose index already exists with the same fingerprint is skipped (resume).
+
+Nothing about one bad input stops the run: undecodable images, missing or empty captions, unreadable tar members
+and encoder failures are counted per reason (first examples kept); captions truncated at 512 tokens are kept and
+counted. ``prepare_summary.json`` aggregates every finished shard's counts in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from anima_ft.data.buckets import make_buckets, nearest_bucket, resize_and_crop
+from anima_ft.data.shard_format import (
+    EncodedSample,
+    ShardWriter,
+    fingerprint_hash,
+    index_path_for,
+    make_fingerprint,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+MAX_EXAMPLES = 20  # skipped inputs named per reason in the summary
+
+
+class LatentEncoder(Protocol):
+    """What prepare needs from the VAE (``anima_ft.model.vae.AnimaVAE`` satisfies it)."""
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> normalized latents [B, 16, H/8, W/8]."""
+        ...
+
+    def fingerprint(self) -> Any:
+        """JSON-able identity of the weights and settings."""
+        ...
+
+
+class CaptionEncoder(Protocol):
+    """What prepare needs from the text side (``anima_ft.model.text_encoder.TextEncoder`` satisfies it)."""
+
+    def encode_unpadded(self, captions: list[str]) -> list:
+        """Per caption an object with ``qwen_states`` [S, C], ``t5_ids`` [L] and ``truncated`` (bool)."""
+        ...
+
+    def fingerprint(self) -> Any:
+        """JSON-able identity of the weights, tokenizers and settings."""
+        ...
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of one prepare run (the CLI flags map 1:1)."""
+
+    out_dir: str
+    bucket_area: int = 1024 * 1024  # target pixels per image; sides are multiples of 16
+    bucket_width_step: int = 64  # spacing of bucket widths (a multiple of 16)
+    min_ar: float = 0.5  # narrowest bucket W/H
+    max_ar: float = 2.0  # widest bucket W/H
+    shard_size: int = 256  # images per folder unit (= at most this many samples per shard)
+    batch_size: int = 8  # images per encoder call (same bucket)
+    source_name: str = "target"  # stored in every sample's metadata
+    rank: int = 0
+    world_size: int = 1
+    progress: bool = True
+
+
+@dataclass
+class WorkUnit:
+    """One output shard's worth of input: a chunk of a folder, or one input tar."""
+
+    name: str
+    images: list[tuple[Path, Path]] = field(default_factory=list)  # (image, caption .txt) for folders
+    tar: Path | None = None
+
+
+@dataclass
+class RawItem:
+    """An input before decoding: where it came from, its image bytes (or None) and caption (None = missing)."""
+
+    origin: str
+    image: bytes | None
+    caption: str | None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:60]
+
+
+def list_units(inputs: list[str], shard_size: int) -> list[WorkUnit]:
+    """Cut the inputs into work units in a deterministic order (see the module docstring)."""
+    units: list[WorkUnit] = []
+    for spec in inputs:
+        path = Path(spec)
+        tars = [path] if path.suffix == ".tar" else sorted(path.glob("*.tar")) if path.is_dir() else []
+        images = sorted(p for p in path.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS) if path.is_dir() else []
+        if not path.exists():
+            raise ValueError(f"input {spec} does not exist; pass image folders or img2dataset .tar files")
+        if not tars and not images:
+            raise ValueError(f"input {spec} holds no images ({'/'.join(IMAGE_EXTS)}) and no .tar files")
+        units += [WorkUnit(_safe(f"{path.parent.name}_{t.stem}" if path.suffix == ".tar" else t.stem), tar=t)
+                  for t in tars]
+        for i in range(0, len(images), shard_size):
+            chunk = images[i : i + shard_size]
+            units.append(WorkUnit(_safe(f"{path.name}-{i // shard_size:06d}"), [(p, p.with_suffix(".txt")) for p in chunk]))
+    names = [u.name for u in units]
+    if len(set(names)) != len(names):
+        raise ValueError(f"inputs give clashing shard names {sorted({n for n in names if names.count(n) > 1})}; "
+                         "rename the input folders/tars")
+    return units
+
+
+def _caption_from(sample: dict) -> str | None:
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8", "replace")
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:
+            return None
+        text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+        return text if isinstance(text, str) else None
+    return None
+
+
+def iter_unit(unit: WorkUnit, counts: Counter) -> Iterator[RawItem]:
+    """Raw inputs of a unit; tar-level read errors are counted as ``unreadable_input`` and skipped."""
+    for image_path, caption_path in unit.images:
+        caption = caption_path.read_text(encoding="utf-8", errors="replace") if caption_path.exists() else None
+        yield RawItem(str(image_path), image_path.read_bytes(), caption)
+    if unit.tar is not None:
+        def handler(err: Exception) -> bool:
+            counts["unreadable_input"] += 1
+            log.warning("unreadable member in %s: %s", unit.tar, err)
+            return True
+
+        for sample in wds.tariterators.tarfile_samples([{"url": str(unit.tar)}], handler=handler):
+            image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            yield RawItem(f"{unit.tar}:{sample.get('__key__')}", image, _caption_from(sample))
+
+
+class _Encoder:
+    """Batches decoded images per bucket, runs both encoders, and writes the results into one shard."""
+
+    def __init__(self, writer: ShardWriter, vae: LatentEncoder, text: CaptionEncoder, cfg: PrepareConfig, unit: str):
+        self.writer, self.vae, self.text, self.cfg, self.unit = writer, vae, text, cfg, unit
+        self.pending: dict[tuple[int, int], list[tuple[RawItem, Image.Image, dict]]] = {}
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.written = 0
+
+    def skip(self, reason: str, origin: str, detail: str = "") -> None:
+        """Count one dropped input."""
+        self.counts[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(origin)
+        log.warning("skipping %s (%s) %s", origin, reason, detail)
+
+    def add(self, item: RawItem, buckets: list[tuple[int, int]]) -> None:
+        """Decode, bucket and queue one input; encode when its bucket has a full batch."""
+        if item.caption is None:
+            return self.skip("missing_caption", item.origin)
+        if not item.caption.strip():
+            return self.skip("empty_caption", item.origin)
+        try:
+            with Image.open(io.BytesIO(item.image or b"")) as im:
+                image = ImageOps.exif_transpose(im).convert("RGB")
+        except Exception as err:  # PIL raises many types on corrupt files
+            return self.skip("undecodable_image", item.origin, str(err))
+        bucket = nearest_bucket(*image.size, buckets)
+        cropped, geometry = resize_and_crop(image, bucket)
+        queue = self.pending.setdefault(bucket, [])
+        queue.append((item, cropped, {**geometry, "bucket": list(bucket)}))
+        if len(queue) >= self.cfg.batch_size:
+            self.flush(bucket)
+
+    def flush(self, bucket: tuple[int, int]) -> None:
+        """Encode and write every queued input of ``bucket``."""
+        batch = self.pending.pop(bucket, [])
+        if not batch:
+            return
+        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for _, im, _ in batch])
+        captions = [item.caption.strip() for item, _, _ in batch]
+        try:
+            latents = self.vae.encode(pixels / 127.5 - 1.0).float().cpu()  # [B, 16, H/8, W/8]
+            texts = self.text.encode_unpadded(captions)
+        except Exception as err:  # one failing batch must not end a multi-day run
+            for item, _, _ in batch:
+                self.skip("encode_error", item.origin, f"{type(err).__name__}: {err}")
+            return
+        for (item, _, geometry), latent, text, caption in zip(batch, latents, texts, captions):
+            self.counts["caption_truncated"] += int(bool(text.truncated))
+            meta = {"caption": caption, "source": self.cfg.source_name, "origin": item.origin,
+                    "caption_truncated": bool(text.truncated), **geometry}
+            key = f"{self.unit}_{self.written:06d}"
+            self.writer.add(EncodedSample(key, latent, text.qwen_states.cpu(), text.t5_ids.cpu(), meta))
+            self.written += 1
+
+
+def prepare_shards(inputs: list[str], vae: LatentEncoder, text_encoder: CaptionEncoder, cfg: PrepareConfig) -> dict:
+    """Encode this rank's units of ``inputs`` into ``cfg.out_dir``; returns the summary over all finished shards."""
+    if not 0 <= cfg.rank < cfg.world_size:
+        raise ValueError(f"rank {cfg.rank} must be in [0, world_size={cfg.world_size})")
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buckets = make_buckets(cfg.bucket_area, 16, cfg.bucket_width_step, cfg.min_ar, cfg.max_ar)
+    fingerprint = make_fingerprint(vae.fingerprint(), text_encoder.fingerprint())
+    fp_hash = fingerprint_hash(fingerprint)
+    units = list_units(inputs, cfg.shard_size)[cfg.rank :: cfg.world_size]
+    bar = tqdm(units, desc=f"prepare rank {cfg.rank}", disable=not cfg.progress, unit="shard")
+    for unit in bar:
+        tar_path = out_dir / f"{unit.name}.tar"
+        if index_path_for(tar_path).exists():
+            done = json.loads(index_path_for(tar_path).read_text())
+            if done.get("fingerprint_hash") != fp_hash:
+                raise ValueError(f"{tar_path} exists with encoder fingerprint {done.get('fingerprint_hash', '?')[:12]}"
+                                 f", this run's is {fp_hash[:12]}; write to a new --out or delete the old shards")
+            continue  # finished earlier: resume skips it
+        with ShardWriter(tar_path, fingerprint) as writer:
+            enc = _Encoder(writer, vae, text_encoder, cfg, unit.name)
+            for item in iter_unit(unit, enc.counts):
+                enc.add(item, buckets)
+            for bucket in list(enc.pending):
+                enc.flush(bucket)
+            writer.commit(skipped={**enc.counts, "examples": enc.examples})
+        bar.set_postfix(samples=enc.written)
+    return write_summary(out_dir)
+
+
+def write_summary(out_dir: str | Path) -> dict:
+    """Aggregate every finished shard index in ``out_dir`` into ``prepare_summary.json`` (and return it)."""
+    out_dir = Path(out_dir)
+    summary = {"shards": 0, "samples": 0, "counts": Counter(), "buckets": Counter(), "examples": {}}
+    for ipath in sorted(out_dir.glob("*.index.json")):
+        index = json.loads(ipath.read_text())
+        summary["shards"] += 1
+        summary["samples"] += index["num_samples"]
+        summary["buckets"].update(index["buckets"])
+        skipped = dict(index.get("skipped", {}))
+        for reason, examples in skipped.pop("examples", {}).items():
+            summary["examples"].setdefault(reason, []).extend(examples[: MAX_EXAMPLES - len(summary["examples"].get(reason, []))])
+        summary["counts"].update(skipped)
+    summary = {**summary, "counts": dict(summary["counts"]), "buckets": dict(summary["buckets"])}
+    write_json_atomic(out_dir / "prepare_summary.json", summary)
+    return summary

@@ -1,0 +1,279 @@
+"""The pre-encoded shard format (version 1): webdataset tar shards plus a JSON index beside each tar.
+
+One sample ``KEY`` is three tar members in this order (plain USTAR headers, mtime 0, so offsets are predictable;
+``webdataset.TarWriter`` is not used because it ignores its ``format`` argument and may emit PAX headers):
+
+* ``KEY.json``: ``{"caption", "source", "origin", "original_size": [w, h], "resized_size": [w, h],
+  "crop": [left, top], "bucket": [W, H] (pixels), "caption_truncated": bool}``
+* ``KEY.latent.safetensors``: ``latent`` bf16 ``[16, H/8, W/8]``, the normalized VAE latent (spec section 6)
+* ``KEY.text.safetensors``: ``qwen_states`` bf16 ``[S, C]`` (Qwen3 last hidden state, no padding, C = 1024 for
+  the real encoder) and ``t5_ids`` int32 ``[L]`` (T5 ids with ``</s>``, no padding)
+
+Beside ``NAME.tar`` lies ``NAME.index.json`` (written after the tar, so its presence marks a finished shard)::
+
+    {"format": "anima_ft.shard", "format_version": 1, "fingerprint": {...}, "fingerprint_hash": "sha256 hex",
+     "tar_bytes": N, "num_samples": n, "qwen_dim": C, "buckets": {"WxH": count},
+     "skipped": {reason: count, "examples": {reason: [input names]}},
+     "samples": [{"key", "bucket": [W, H], "qwen_len": S, "t5_len": L, "span": [start, end],
+                  "members": {"json": [header_offset, size], ...}}]}
+
+Offsets are absolute byte positions of each member's 512-byte tar header, so the loader reads one sample with one
+seek. The fingerprint names the encoders and the format version; shards with different fingerprints are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT_NAME = "anima_ft.shard"
+FORMAT_VERSION = 1
+MEMBERS = ("json", "latent.safetensors", "text.safetensors")  # sorted, as TarWriter writes them
+LATENT_CHANNELS = 16
+VAE_DOWNSCALE = 8
+TAR_BLOCK = 512
+
+
+def index_path_for(tar_path: str | Path) -> Path:
+    """``dir/NAME.tar`` -> ``dir/NAME.index.json``."""
+    tar_path = Path(tar_path)
+    return tar_path.with_name(tar_path.name[: -len(".tar")] + ".index.json")
+
+
+def make_fingerprint(vae_fingerprint: Any, text_fingerprint: Any) -> dict:
+    """The encoder settings that make shards compatible: both encoders' fingerprints and the format version."""
+    return {"format_version": FORMAT_VERSION, "vae": vae_fingerprint, "text": text_fingerprint}
+
+
+def fingerprint_hash(fingerprint: dict) -> str:
+    """A stable sha256 of the fingerprint's canonical JSON."""
+    blob = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class EncodedSample:
+    """One encoded sample, ready to be written (tensors on CPU)."""
+
+    key: str
+    latent: torch.Tensor  # [16, h, w], normalized
+    qwen_states: torch.Tensor  # [S, C], no padding
+    t5_ids: torch.Tensor  # [L]
+    meta: dict = field(default_factory=dict)  # caption, source, origin, sizes, crop, bucket, caption_truncated
+
+
+def encode_members(sample: EncodedSample) -> dict[str, bytes]:
+    """Serialize one sample to its tar members (suffix -> bytes)."""
+    latent = st_save({"latent": sample.latent.detach().to("cpu", torch.bfloat16).contiguous()})
+    text = st_save(
+        {
+            "qwen_states": sample.qwen_states.detach().to("cpu", torch.bfloat16).contiguous(),
+            "t5_ids": sample.t5_ids.detach().to("cpu", torch.int32).contiguous(),
+        }
+    )
+    meta = json.dumps(sample.meta, sort_keys=True).encode()
+    return {"json": meta, "latent.safetensors": latent, "text.safetensors": text}
+
+
+def _padded(size: int) -> int:
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+class ShardWriter:
+    """Writes one shard atomically: ``NAME.tar.tmp`` then rename, then ``NAME.index.json`` (also via a temp name).
+
+    Use as a context manager; :meth:`add` writes a sample and records its offsets, :meth:`commit` finishes.
+    Leaving the ``with`` block without ``commit`` (e.g. on an exception) removes the temporary file.
+    """
+
+    def __init__(self, tar_path: str | Path, fingerprint: dict):
+        self.tar_path = Path(tar_path)
+        if not self.tar_path.name.endswith(".tar"):
+            raise ValueError(f"shard path {self.tar_path} must end in .tar")
+        self.fingerprint = fingerprint
+        self.tmp_path = self.tar_path.with_name(self.tar_path.name + ".tmp")
+        self.samples: list[dict] = []
+        self.skipped: dict[str, int] = {}
+        self.qwen_dim: int | None = None
+        self._file = open(self.tmp_path, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._offset = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._file.closed:
+            self._tar.close()
+            self._file.close()
+        if self.tmp_path.exists():
+            self.tmp_path.unlink()
+
+    def add(self, sample: EncodedSample) -> None:
+        """Append one sample (all three members) and record its index entry."""
+        if "." in sample.key or len(sample.key) > 80:
+            raise ValueError(f"sample key {sample.key!r} must have no dots and at most 80 characters")
+        _, s_dim = sample.qwen_states.shape
+        if self.qwen_dim is None:
+            self.qwen_dim = int(s_dim)
+        elif s_dim != self.qwen_dim:
+            raise ValueError(f"qwen_states width {s_dim} differs from {self.qwen_dim} earlier in {self.tar_path}")
+        members = encode_members(sample)
+        self.add_raw(sample.key, members, sample.meta.get("bucket"), sample.qwen_states.shape[0], sample.t5_ids.numel())
+
+    def add_raw(self, key: str, members: dict[str, bytes], bucket, qwen_len: int, t5_len: int) -> None:
+        """Append already-serialized members (tests use this to write deliberately broken samples)."""
+        start = self._offset
+        offsets, pos = {}, start
+        for suffix in sorted(members):
+            offsets[suffix] = [pos, len(members[suffix])]
+            pos += TAR_BLOCK + _padded(len(members[suffix]))
+        for suffix in sorted(members):
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mode = len(members[suffix]), 0o444
+            self._tar.addfile(info, io.BytesIO(members[suffix]))
+        self._offset = pos
+        assert self._tar.offset == pos, "tar offsets diverged from the USTAR layout"
+        self.samples.append(
+            {
+                "key": key,
+                "bucket": [int(b) for b in bucket] if bucket is not None else None,
+                "qwen_len": int(qwen_len),
+                "t5_len": int(t5_len),
+                "span": [start, pos],
+                "members": offsets,
+            }
+        )
+
+    def commit(self, skipped: dict[str, int] | None = None) -> dict:
+        """Close the tar, rename it into place, then write the index. Returns the index dict."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.tar_path)
+        buckets: dict[str, int] = {}
+        for s in self.samples:
+            name = f"{s['bucket'][0]}x{s['bucket'][1]}" if s["bucket"] else "none"
+            buckets[name] = buckets.get(name, 0) + 1
+        index = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "fingerprint_hash": fingerprint_hash(self.fingerprint),
+            "tar_bytes": self.tar_path.stat().st_size,
+            "num_samples": len(self.samples),
+            "qwen_dim": self.qwen_dim,
+            "buckets": buckets,
+            "skipped": dict(skipped or {}),
+            "samples": self.samples,
+        }
+        write_json_atomic(index_path_for(self.tar_path), index)
+        return index
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary name and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_index(tar_path: str | Path) -> dict:
+    """Read and check the index beside ``tar_path``; ``ValueError`` names the shard and the fix."""
+    ipath = index_path_for(tar_path)
+    if not ipath.exists():
+        raise ValueError(f"shard {tar_path} has no index {ipath.name}: only shards written by `anima-ft prepare` "
+                         "can be streamed; re-run prepare on the source images")
+    try:
+        index = json.loads(ipath.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"index {ipath} is unreadable ({err}); delete the shard and re-run prepare") from err
+    if index.get("format") != FORMAT_NAME or index.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"index {ipath} has format {index.get('format')!r} version {index.get('format_version')!r}; "
+                         f"this anima_ft reads {FORMAT_NAME!r} version {FORMAT_VERSION}: re-run prepare")
+    return index
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; ``reason`` is one of the loader's skip-count keys."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def split_members(span: bytes, entry: dict, key: str) -> dict[str, bytes]:
+    """Cut a sample's byte span (read from ``entry['span'][0]``) into members, checking each tar header."""
+    start = entry["span"][0]
+    out = {}
+    for suffix, (offset, size) in entry["members"].items():
+        rel = offset - start
+        header = span[rel : rel + TAR_BLOCK]
+        data = span[rel + TAR_BLOCK : rel + TAR_BLOCK + size]
+        if len(header) < TAR_BLOCK or len(data) < size:
+            raise SampleError("truncated", f"member {key}.{suffix} ends past the end of the file")
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except Exception as err:  # tarfile raises several HeaderError subclasses
+            raise SampleError("corrupt_member", f"bad tar header for {key}.{suffix}: {err}") from err
+        if info.name != f"{key}.{suffix}" or info.size != size:
+            raise SampleError("corrupt_member", f"tar header says {info.name!r} ({info.size} B), index says "
+                              f"{key}.{suffix} ({size} B)")
+        out[suffix] = data
+    return out
+
+
+def decode_members(members: dict[str, bytes], entry: dict, qwen_dim: int) -> dict:
+    """Decode and check one sample's members against its index entry; raises :class:`SampleError`.
+
+    Returns ``{"latent": bf16 [16,h,w], "qwen_states": bf16 [S,C], "t5_ids": int32 [L], "meta": dict}``.
+    """
+    missing = [m for m in MEMBERS if m not in members]
+    if missing:
+        raise SampleError("missing_field", f"members {missing} absent")
+    try:
+        meta = json.loads(members["json"])
+        latent = st_load(bytes(members["latent.safetensors"]))
+        text = st_load(bytes(members["text.safetensors"]))
+    except Exception as err:  # json and safetensors raise many types on garbage
+        raise SampleError("corrupt_member", f"cannot decode: {type(err).__name__}: {err}") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("caption"), str):
+        raise SampleError("missing_field", "json has no string 'caption'")
+    for name, store in (("latent", latent), ("qwen_states", text), ("t5_ids", text)):
+        if name not in store:
+            raise SampleError("missing_field", f"tensor {name!r} absent")
+    lat, qwen, t5 = latent["latent"], text["qwen_states"], text["t5_ids"]
+    W, H = entry["bucket"]
+    want = {
+        "latent": (lat, (LATENT_CHANNELS, H // VAE_DOWNSCALE, W // VAE_DOWNSCALE)),
+        "qwen_states": (qwen, (entry["qwen_len"], qwen_dim)),
+        "t5_ids": (t5, (entry["t5_len"],)),
+    }
+    for name, (tensor, shape) in want.items():
+        if tuple(tensor.shape) != shape:
+            raise SampleError("bad_shape", f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if t5.dtype.is_floating_point or (t5.numel() and (int(t5.min()) < 0 or int(t5.max()) >= 32128)):
+        raise SampleError("bad_value", "t5_ids must be integers in [0, 32128)")
+    if not (torch.isfinite(lat).all() and torch.isfinite(qwen).all()):
+        raise SampleError("non_finite", "latent or qwen_states holds NaN/Inf")
+    return {"latent": lat, "qwen_states": qwen, "t5_ids": t5, "meta": meta}
+
+
+def read_sample(fileobj: io.BufferedReader, entry: dict, qwen_dim: int) -> dict:
+    """Read and decode one sample with one seek; raises :class:`SampleError`."""
+    start, end = entry["span"]
+    fileobj.seek(start)
+    span = fileobj.read(end - start)
+    return decode_members(split_members(span, entry, entry["key"]), entry, qwen_dim)

@@ -1,0 +1,177 @@
+"""Named shard sources: discovery, index loading, validation and random-access sample reading.
+
+Every rank and every loader worker builds the same :class:`Catalog` from the shard indices (no communication), so
+sample ids, buckets and the set of valid samples agree everywhere. Validation levels:
+
+* ``"index"`` (default, cheap): format version, fingerprint, file size against the index (samples past the end of
+  a truncated tar are skipped as ``truncated``), required members present in the index entry.
+* ``"full"``: additionally reads and decodes every sample once at start (shapes, dtypes, finiteness, tar headers).
+  Use it on small or suspect data; with ``"index"`` such problems are found when a sample is read, and the loader
+  replaces it by the next valid sample of the same source and bucket (see ``mixer.py``).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anima_ft.data.shard_format import MEMBERS, SampleError, fingerprint_hash, read_index, read_sample
+
+log = logging.getLogger(__name__)
+Bucket = tuple[int, int]
+VALIDATE_LEVELS = ("index", "full")
+
+
+@dataclass
+class SourceSpec:
+    """One named data source.
+
+    name: label that appears in each batch's ``source`` list and in ``stats()`` (e.g. "target", "replay").
+    shards: a directory (every ``*.tar`` in it), a glob, or a list of tar paths; each tar needs its ``.index.json``.
+    weight: relative share of every global batch (normalized over all sources; 0 = off until ``set_weights``).
+    """
+
+    name: str
+    shards: str | list[str]
+    weight: float = 1.0
+
+
+def discover_shards(spec: SourceSpec) -> list[Path]:
+    """The sorted tar paths a source names; ``ValueError`` when there are none."""
+    patterns = [spec.shards] if isinstance(spec.shards, (str, os.PathLike)) else list(spec.shards)
+    paths: set[Path] = set()
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            paths.update(p.glob("*.tar"))
+        elif p.suffix == ".tar" and p.exists():
+            paths.add(p)
+        else:
+            paths.update(Path(m) for m in glob.glob(str(pattern)) if m.endswith(".tar"))
+    if not paths:
+        raise ValueError(f"source {spec.name!r}: no .tar shards found at {spec.shards!r}; pass a directory, a glob "
+                         "or a list of shard paths written by `anima-ft prepare`")
+    return sorted(paths)
+
+
+@dataclass
+class Catalog:
+    """All valid samples of all sources, with per-(source, bucket) sample-id lists.
+
+    entries[i]: the shard index entry of sample i plus ``"shard"`` (index into shard_paths) and ``"source"``.
+    by_bucket[s][bucket]: sorted sample ids of source s in that bucket.
+    """
+
+    names: list[str]
+    shard_paths: list[str]
+    entries: list[dict]
+    by_bucket: list[dict[Bucket, list[int]]]
+    qwen_dim: int
+    fingerprint: dict
+    skipped: Counter = field(default_factory=Counter)
+
+
+def _check_fingerprint(path: Path, index: dict, ref: tuple[Path, dict] | None, expected) -> None:
+    if expected is not None:
+        want = expected if isinstance(expected, str) else fingerprint_hash(expected)
+        if index["fingerprint_hash"] != want:
+            raise ValueError(f"shard {path} was encoded with fingerprint {index['fingerprint_hash'][:12]} "
+                             f"({index['fingerprint']}), but expected_fingerprint is {want[:12]}: re-encode it "
+                             "with the same VAE / text encoder, or drop expected_fingerprint")
+    if ref is not None and index["fingerprint_hash"] != ref[1]["fingerprint_hash"]:
+        a, b = ref[1]["fingerprint"], index["fingerprint"]
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"shards {ref[0]} and {path} were made with different encoder settings (differing: "
+                         f"{diff}); mixing them would be silent garbage: re-encode one of them with `anima-ft prepare`")
+
+
+def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: str = "index") -> Catalog:
+    """Load every source's shard indices, check compatibility, and list the valid samples per bucket."""
+    if validate not in VALIDATE_LEVELS:
+        raise ValueError(f"validate={validate!r}; choose one of {VALIDATE_LEVELS}")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"source names {names} must be non-empty and unique")
+    cat = Catalog(names, [], [], [{} for _ in specs], qwen_dim=0, fingerprint={})
+    ref: tuple[Path, dict] | None = None
+    reader = ShardReader(cat)
+    for s, spec in enumerate(specs):
+        for path in discover_shards(spec):
+            index = read_index(path)
+            _check_fingerprint(path, index, ref, expected_fingerprint)
+            if ref is None:
+                ref, cat.fingerprint = (path, index), index["fingerprint"]
+            if index["num_samples"] and cat.qwen_dim and index["qwen_dim"] != cat.qwen_dim:
+                raise ValueError(f"shard {path} has qwen width {index['qwen_dim']}, others {cat.qwen_dim}")
+            cat.qwen_dim = cat.qwen_dim or index["qwen_dim"] or 0
+            size = path.stat().st_size
+            shard_id = len(cat.shard_paths)
+            cat.shard_paths.append(str(path))
+            for entry in index["samples"]:
+                entry = {**entry, "shard": shard_id, "source": s}
+                reason = _index_problem(entry, size)
+                if reason is None and validate == "full":
+                    try:
+                        reader.read_entry(entry)
+                    except SampleError as err:
+                        reason = (err.reason, str(err))
+                if reason is not None:
+                    cat.skipped[reason[0]] += 1
+                    log.warning("skipping sample %s in shard %s: %s", entry["key"], path, reason[1])
+                    continue
+                bucket = tuple(entry["bucket"])
+                cat.by_bucket[s].setdefault(bucket, []).append(len(cat.entries))
+                cat.entries.append(entry)
+        if not cat.by_bucket[s]:
+            raise ValueError(f"source {spec.name!r} has no valid sample in {spec.shards!r} (skipped so far: "
+                             f"{dict(cat.skipped)}); check the shards or re-run prepare")
+    reader.close()
+    return cat
+
+
+def _index_problem(entry: dict, file_size: int) -> tuple[str, str] | None:
+    missing = [m for m in MEMBERS if m not in entry.get("members", {})]
+    if missing or not entry.get("bucket"):
+        return "missing_field", f"index lists no {missing or 'bucket'}"
+    if entry["span"][1] > file_size:
+        return "truncated", f"sample ends at byte {entry['span'][1]} but the tar has {file_size} bytes"
+    return None
+
+
+class ShardReader:
+    """Random-access sample reader over a catalog's shards, keeping a few files open (one per worker)."""
+
+    def __init__(self, catalog: Catalog, max_open: int = 16):
+        self.catalog = catalog
+        self.max_open = max_open
+        self._files: OrderedDict[int, object] = OrderedDict()
+
+    def _file(self, shard: int):
+        f = self._files.pop(shard, None)
+        if f is None:
+            f = open(self.catalog.shard_paths[shard], "rb")
+            if len(self._files) >= self.max_open:
+                self._files.popitem(last=False)[1].close()
+        self._files[shard] = f
+        return f
+
+    def read_entry(self, entry: dict) -> dict:
+        """Decode one sample (see ``shard_format.decode_members``); raises ``SampleError``."""
+        try:
+            f = self._file(entry["shard"])
+        except OSError as err:
+            raise SampleError("unreadable_shard", str(err)) from err
+        return read_sample(f, entry, self.catalog.qwen_dim)
+
+    def read(self, sample_id: int) -> dict:
+        """Decode catalog sample ``sample_id``; raises ``SampleError``."""
+        return self.read_entry(self.catalog.entries[sample_id])
+
+    def close(self) -> None:
+        """Close every open shard file."""
+        while self._files:
+            self._files.popitem()[1].close()
