@@ -198,14 +198,6 @@ class CheckpointConfig:
 
 
 @dataclass
-class EmaConfig:
-    """Exponential moving average of the trainable weights."""
-
-    decay: float = 0.0
-    """EMA decay per optimizer step; 0 = off."""
-
-
-@dataclass
 class LoggingConfig:
     """Metrics and progress."""
 
@@ -247,6 +239,5 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    ema: EmaConfig = field(default_factory=EmaConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,238 @@
+"""The one shared training loop.
+
+Build order (fixed): stages -> DeepSpeed JSON -> model -> data stream -> resume point -> engine (for the stage that
+wrote the checkpoint) -> checkpoint load -> metrics. Each optimizer step: stage transition if the stage changed,
+per-group LRs, ``grad_accum_steps`` micro-batches through ``compute_loss``, one small all-reduce (per-source loss
+sums, stop signals, timed-save vote), then logging, callbacks and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from anima_ft.config import build_deepspeed_config, to_dict, to_yaml
+from anima_ft.config.schema import Config
+from anima_ft.observability import MetricsWriter, train_flops_per_sample
+
+from .batches import build_stream, source_names
+from .checkpoint import find_checkpoint, load_checkpoint, read_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .distributed import DistEnv
+from .engine import build_engine, set_lrs, transition
+from .objective import compute_loss, noise_generator
+from .param_groups import numel
+from .stages import build_stages, source_weights, stage_at, total_steps
+
+logger = logging.getLogger(__name__)
+Callback = Callable[[int, object, dict], None]
+PREEMPTED = "preempted"
+FAULT_ENV = "ANIMA_FT_FAULT"  # test-only fault injection: "kill:STEP:RANK" or "nan:STEP"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row (a checkpoint was saved first)."""
+
+
+def build_model(cfg: Config):
+    """The Anima module from ``model.init_path`` (official file) or a seeded random init of ``model.size``."""
+    from anima_ft.model import AnimaConfig, build_anima, load_anima
+
+    if cfg.model.init_path:
+        dtype = torch.bfloat16 if cfg.dist.precision == "bf16" else torch.float32
+        model = load_anima(cfg.model.init_path, adapter_path=cfg.model.adapter_path or None, dtype=dtype)
+    else:
+        acfg = AnimaConfig.tiny() if cfg.model.size == "tiny" else AnimaConfig()
+        model = build_anima(acfg, device="cpu", dtype=torch.float32, seed=cfg.run.seed)
+    model.set_attention_backend(cfg.model.attention_backend)
+    model.set_activation_checkpointing(cfg.dist.activation_checkpointing)
+    if cfg.dist.compile_blocks:
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+class Trainer:
+    """Fine-tunes Anima with DeepSpeed ZeRO over a staged schedule; ``train()`` runs to the end or a stop signal."""
+
+    def __init__(self, cfg: Config, env: DistEnv, callbacks: list[Callback] | None = None):
+        self.cfg, self.env, self.callbacks = cfg, env, list(callbacks or [])
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.stages = build_stages(cfg)
+        self.total = total_steps(self.stages)
+        self.ds_config = build_deepspeed_config(cfg, env.world_size)
+        self.model = build_model(cfg)
+        self.model_cfg = self.model.cfg
+        qwen_dim = self.model_cfg.adapter.source_dim if self.model_cfg.adapter else 1024
+        self.stream = build_stream(cfg, qwen_dim, env.rank, env.world_size)
+        self.sources = source_names(cfg)
+        self.base_weights = {s.name: s.weight for s in cfg.data.sources}
+
+        ckpt = find_checkpoint(self.ckpt_root, cfg.checkpoint.resume)
+        self.state = read_trainer_state(ckpt) if ckpt else {"step": 0, "samples_seen": 0, "tokens_seen": 0,
+                                                              "nonfinite_total": 0, "nonfinite_in_row": 0}
+        # the engine of the stage that took the last update; a boundary transition then happens in the loop
+        self.stage = stage_at(self.stages, max(self.state["step"] - 1, 0))
+        self.engine = build_engine(self.model, cfg, self.stage, self.ds_config)
+        if ckpt:
+            rank_state = load_checkpoint(self.engine, ckpt)
+            if rank_state is not None:
+                set_rng_state(rank_state["rng"])
+                self.stream.load_state_dict(rank_state["data"])
+            logger.info("resumed from %s at step %d", ckpt, self.state["step"])
+        elif self.base_weights:
+            self.stream.set_weights(source_weights(self.stage, self.base_weights))
+        self._stop_signal = 0
+        self._last_save = time.monotonic()
+        if env.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.metrics = MetricsWriter(self.run_dir, env.rank, cfg.logging.wandb_mode, cfg.logging.wandb_project,
+                                     cfg.logging.wandb_entity, cfg.run.name, to_dict(cfg))
+        self.num_params = sum(numel(p) for p in self.model.parameters())
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        logger.warning("received signal %d: checkpointing at the end of this step, then exiting", signum)
+        self._stop_signal = 1
+
+    def save(self) -> Path:
+        """Checkpoint the current state (collective)."""
+        rank_state = {"rng": rng_state(), "data": self.stream.state_dict()}
+        trainer_state = {**self.state, "stage": self.stage.index, "world_size": self.env.world_size}
+        path = save_checkpoint(self.engine, self.ckpt_root, self.state["step"], trainer_state, rank_state,
+                               self.cfg.checkpoint.keep_last)
+        self._last_save = time.monotonic()
+        return path
+
+    def _fault(self, step: int, batch: dict) -> None:
+        spec = os.environ.get(FAULT_ENV, "")
+        if not spec:
+            return
+        kind, at, *rest = spec.split(":")
+        if int(at) != step:
+            return
+        if kind == "kill" and int(rest[0]) == self.env.rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "nan":
+            batch["latents"] = batch["latents"] * float("nan")
+
+    def _tokens_per_sample(self, batch: dict) -> int:
+        h, w = batch["latents"].shape[-2:]
+        p = self.model_cfg.patch_spatial
+        return (h // p) * (w // p)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def train(self) -> str:
+        """Run to the last step; returns ``"done"`` or ``"preempted"`` (after saving, on SIGTERM / SIGUSR1)."""
+        cfg, env = self.cfg, self.env
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        accum, n_src = cfg.batch.grad_accum_steps, len(self.sources)
+        bar = None
+        if env.rank == 0 and cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total, initial=self.state["step"], desc="train", dynamic_ncols=True)
+        it = iter(self.stream)
+        t_last, samples_last = time.perf_counter(), 0
+        while self.state["step"] < self.total:
+            step = self.state["step"]
+            stage = stage_at(self.stages, step)
+            if stage.index != self.stage.index:
+                self.engine = transition(self.engine, self.model, cfg, self.stage, stage, self.ds_config)
+                self.stage = stage
+                if self.base_weights:
+                    self.stream.set_weights(source_weights(stage, self.base_weights))
+            lrs = stage.lrs(step)
+            set_lrs(self.engine, lrs)
+            skipped_before = self.engine.skipped_steps
+            sums = torch.zeros(2 * n_src + 2, dtype=torch.float64)  # [loss sum per source, count per source, sig, due]
+            tokens = 0
+            for micro in range(accum):
+                batch = next(it)
+                self._fault(step, batch)
+                out = compute_loss(self.engine, batch, noise_generator(cfg.run.seed, step, env.rank, micro),
+                                   cfg.objective)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                src = batch["source_id"].cpu()
+                sums[:n_src].index_add_(0, src, out.per_sample.double().cpu())
+                sums[n_src:2 * n_src].index_add_(0, src, torch.ones_like(src, dtype=torch.float64))
+                tokens += self._tokens_per_sample(batch) * len(src)
+            sums[-2] = self._stop_signal
+            due = cfg.checkpoint.every_minutes > 0 and time.monotonic() - self._last_save > 60 * cfg.checkpoint.every_minutes
+            sums[-1] = float(due and env.rank == 0)
+            dist.all_reduce(sums)  # gloo works on CPU tensors; for nccl this moves to the device
+            self.state["step"] = step = step + 1
+            n_samples = int(sums[n_src:2 * n_src].sum().item())
+            self.state["samples_seen"] += n_samples
+            self.state["tokens_seen"] += tokens * env.world_size
+            loss = float(sums[:n_src].sum() / max(1, n_samples))
+            skipped = self.engine.skipped_steps != skipped_before or not torch.isfinite(torch.tensor(loss))
+            if skipped:
+                self.state["nonfinite_total"] += 1
+                self.state["nonfinite_in_row"] += 1
+                logger.warning("step %d: non-finite loss/gradients (%s); update skipped (%d in a row)", step, loss,
+                               self.state["nonfinite_in_row"])
+            else:
+                self.state["nonfinite_in_row"] = 0
+            if step % cfg.logging.every_steps == 0 or step == self.total or skipped:
+                now = time.perf_counter()
+                dt = max(now - t_last, 1e-9)
+                rate = (self.state["samples_seen"] - samples_last) / dt
+                row = {"loss": loss, "stage": stage.index, "samples_seen": self.state["samples_seen"],
+                       "nonfinite_total": self.state["nonfinite_total"], "samples_per_s": rate,
+                       "tokens_per_s": rate * tokens / max(1, n_samples // env.world_size) if n_samples else 0.0}
+                for i, name in enumerate(self.sources):
+                    c = sums[n_src + i].item()
+                    if c:
+                        row[f"loss/{name}"] = float(sums[i] / c)
+                row.update({f"lr/{g}": v for g, v in lrs.items()})
+                gn = self.engine.get_global_grad_norm()
+                row["grad_norm"] = float(gn) if gn is not None else None
+                flops = train_flops_per_sample(self.num_params, tokens // max(1, n_samples // env.world_size),
+                                               self.model_cfg.num_blocks, self.model_cfg.model_channels,
+                                               self.model_cfg.context_tokens)
+                row["mfu"] = rate * flops / (env.world_size * cfg.logging.peak_tflops_per_device * 1e12)
+                row["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+                self.metrics.log(step, row)
+                t_last, samples_last = now, self.state["samples_seen"]
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", stage=stage.name)
+            if bar is not None:
+                bar.update(1)
+            if self.state["nonfinite_in_row"] >= cfg.optim.max_nonfinite_in_row:
+                self.save()
+                raise NonFiniteLossError(
+                    f"{self.state['nonfinite_in_row']} non-finite losses in a row at step {step} (limit "
+                    f"optim.max_nonfinite_in_row={cfg.optim.max_nonfinite_in_row}); saved a checkpoint and stopped. "
+                    f"Lower the learning rate or inspect the data around samples_seen={self.state['samples_seen']}")
+            if cfg.eval.probe_every_steps and step % cfg.eval.probe_every_steps == 0:
+                for callback in self.callbacks:
+                    callback(step, self.engine, row if step % cfg.logging.every_steps == 0 else {})
+            every = cfg.checkpoint.every_steps
+            if (every and step % every == 0) or sums[-1] > 0 or sums[-2] > 0:
+                self.save()
+            if sums[-2] > 0:
+                logger.warning("stopping at step %d after a stop signal (checkpoint saved)", step)
+                self.metrics.close()
+                return PREEMPTED
+        every = cfg.checkpoint.every_steps
+        if cfg.checkpoint.save_at_end and not (every and self.state["step"] % every == 0):
+            self.save()
+        if bar is not None:
+            bar.close()
+        self.metrics.close()
+        return "done"
