@@ -126,9 +126,10 @@ class MixPlanner:
         return out
 
     def following(self, source: int, bucket: Bucket, epoch: int, position: int):
-        """Sample ids after ``(epoch, position)`` in the pair's order, for at most one full epoch (replacements)."""
+        """Sample ids after ``(epoch, position)`` in the pair's order up to the end of the next epoch (so every
+        sample of the pair comes up at least once); used to replace a sample that fails to decode."""
         n = len(self.catalog.by_bucket[source][bucket])
-        for k in range(1, n + 1):
+        for k in range(1, 2 * n - position):
             e, p = epoch + (position + k) // n, (position + k) % n
             yield int(self.order(source, bucket, e)[p])
 

@@ -123,16 +123,15 @@ class ShardWriter:
         """Append one sample (all three members) and record its index entry."""
         if "." in sample.key or len(sample.key) > 80:
             raise ValueError(f"sample key {sample.key!r} must have no dots and at most 80 characters")
-        _, s_dim = sample.qwen_states.shape
-        if self.qwen_dim is None:
-            self.qwen_dim = int(s_dim)
-        elif s_dim != self.qwen_dim:
-            raise ValueError(f"qwen_states width {s_dim} differs from {self.qwen_dim} earlier in {self.tar_path}")
-        members = encode_members(sample)
-        self.add_raw(sample.key, members, sample.meta.get("bucket"), sample.qwen_states.shape[0], sample.t5_ids.numel())
+        S, C = sample.qwen_states.shape
+        self.add_raw(sample.key, encode_members(sample), sample.meta.get("bucket"), S, C, sample.t5_ids.numel())
 
-    def add_raw(self, key: str, members: dict[str, bytes], bucket, qwen_len: int, t5_len: int) -> None:
+    def add_raw(self, key: str, members: dict[str, bytes], bucket, qwen_len: int, qwen_dim: int, t5_len: int) -> None:
         """Append already-serialized members (tests use this to write deliberately broken samples)."""
+        if self.qwen_dim is None:
+            self.qwen_dim = int(qwen_dim)
+        elif qwen_dim != self.qwen_dim:
+            raise ValueError(f"qwen_states width {qwen_dim} differs from {self.qwen_dim} earlier in {self.tar_path}")
         start = self._offset
         offsets, pos = {}, start
         for suffix in sorted(members):

@@ -11,6 +11,8 @@ from shard_factory import expected_sample
 from anima_ft.data import MixedStream, SourceSpec
 from anima_ft.data.plan import split_counts
 
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
 
 def make_stream(two_sources, **kw) -> MixedStream:
     target_dir, replay_dir, _ = two_sources
