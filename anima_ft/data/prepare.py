@@ -5,7 +5,7 @@ Inputs are folders of images with sidecar ``.txt`` captions, or webdataset tars 
 images in chunks of ``shard_size``; one unit per input tar); unit u is done by rank ``u % world_size`` and becomes
 ``out_dir/UNIT.tar`` (+ index). A unit whose index already exists with the same fingerprint is skipped (resume).
 
-Nothing about one bad input stops the run: undecodable images, missing or empty captions, unreadable tar members
+Nothing about one bad input stops the run: undecodable or missing images, missing or empty captions, unreadable tar members
 and encoder failures are counted per reason (first examples kept); captions truncated at 512 tokens are kept and
 counted. ``prepare_summary.json`` aggregates every finished shard's counts in ``out_dir``.
 """
@@ -178,12 +178,14 @@ class _Encoder:
 
     def add(self, item: RawItem, buckets: list[tuple[int, int]]) -> None:
         """Decode, bucket and queue one input; encode when its bucket has a full batch."""
+        if item.image is None:
+            return self.skip("missing_image", item.origin)
         if item.caption is None:
             return self.skip("missing_caption", item.origin)
         if not item.caption.strip():
             return self.skip("empty_caption", item.origin)
         try:
-            with Image.open(io.BytesIO(item.image or b"")) as im:
+            with Image.open(io.BytesIO(item.image)) as im:
                 image = ImageOps.exif_transpose(im).convert("RGB")
         except Exception as err:  # PIL raises many types on corrupt files
             return self.skip("undecodable_image", item.origin, str(err))
@@ -209,7 +211,8 @@ class _Encoder:
                 self.skip("encode_error", item.origin, f"{type(err).__name__}: {err}")
             return
         for (item, _, geometry), latent, text, caption in zip(batch, latents, texts, captions):
-            self.counts["caption_truncated"] += int(bool(text.truncated))
+            if text.truncated:
+                self.counts["caption_truncated"] += 1
             meta = {"caption": caption, "source": self.cfg.source_name, "origin": item.origin,
                     "caption_truncated": bool(text.truncated), **geometry}
             key = f"{self.unit}_{self.written:06d}"

@@ -1,0 +1,102 @@
+"""``anima-ft prepare``: encode images + captions into pre-encoded shards (see ``prepare.py``, ``shard_format.py``).
+
+Examples::
+
+    anima-ft prepare data/my_images --out shards/target --vae qwen_image_vae.safetensors \\
+        --qwen qwen_3_06b_base.safetensors --qwen-tokenizer configs/qwen3_06b --t5-tokenizer configs/t5_old
+    torchrun --nproc-per-node 8 -m anima_ft.data.prepare_cli laion/{00000..00099}.tar --out shards/replay ...
+
+Several processes (torchrun / srun: RANK, WORLD_SIZE, LOCAL_RANK) split the work units; each uses GPU LOCAL_RANK
+when CUDA is present, else the CPU. Re-running the same command resumes: finished shards are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from anima_ft.data.prepare import PrepareConfig, prepare_shards
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (kept separate so tests can read the defaults)."""
+    p = argparse.ArgumentParser(prog="anima-ft prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", help="image folders (sidecar .txt captions) and/or img2dataset .tar files")
+    p.add_argument("--out", required=True, help="output directory for NAME.tar + NAME.index.json shards")
+    p.add_argument("--vae", help="Qwen-Image VAE: official single .safetensors file or a diffusers directory")
+    p.add_argument("--qwen", help="Qwen3-0.6B-Base: single .safetensors file (+ --qwen-config) or an HF directory")
+    p.add_argument("--qwen-config", help="config.json for a single-file --qwen (default: beside it / tokenizer dir)")
+    p.add_argument("--qwen-tokenizer", required=True, help="directory with the Qwen3 tokenizer (vocab.json, ...)")
+    p.add_argument("--t5-tokenizer", required=True, help="directory with the T5 tokenizer (tokenizer.json)")
+    p.add_argument("--tiny-encoders", type=int, metavar="SEED", default=None,
+                   help="FOR DEMOS AND TESTS ONLY: use tiny random encoders built from SEED instead of --vae/--qwen; "
+                        "the shards are useless for real training")
+    p.add_argument("--bucket-area", type=int, default=1024 * 1024, help="target pixels per image (default 1 MP)")
+    p.add_argument("--bucket-width-step", type=int, default=64, help="spacing of bucket widths, multiple of 16")
+    p.add_argument("--min-ar", type=float, default=0.5, help="narrowest bucket aspect ratio W/H")
+    p.add_argument("--max-ar", type=float, default=2.0, help="widest bucket aspect ratio W/H")
+    p.add_argument("--shard-size", type=int, default=256, help="images per shard for folder inputs (tars: 1:1)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
+    p.add_argument("--source-name", default="target", help="source label stored in each sample's metadata")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is present, else cpu")
+    p.add_argument("--vae-dtype", choices=DTYPES, default="fp32", help="VAE weight dtype (part of the fingerprint)")
+    p.add_argument("--qwen-dtype", choices=DTYPES, default="bf16", help="Qwen3 weight dtype (part of the fingerprint)")
+    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)), help="this process (default $RANK)")
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="number of processes splitting the work (default $WORLD_SIZE)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def build_encoders(args: argparse.Namespace, device: str):
+    """``(vae, text_encoder)`` from the flags: real weights, or tiny random ones with ``--tiny-encoders``."""
+    from anima_ft.model.text_encoder import TextEncoder, tiny_qwen3
+    from anima_ft.model.tokenizers import load_tokenizers
+    from anima_ft.model.vae import AnimaVAE, tiny_vae
+
+    if args.tiny_encoders is not None:
+        log.warning("--tiny-encoders: random tiny encoders (seed %d); for demos and tests only", args.tiny_encoders)
+        qwen_tok, t5_tok = load_tokenizers(args.qwen_tokenizer, args.t5_tokenizer)
+        vae = AnimaVAE(tiny_vae(seed=args.tiny_encoders).to(device, DTYPES[args.vae_dtype]))
+        qwen = tiny_qwen3(seed=args.tiny_encoders).to(device, DTYPES[args.qwen_dtype])
+        return vae, TextEncoder(qwen, qwen_tok, t5_tok)
+    if not args.vae or not args.qwen:
+        raise ValueError("--vae and --qwen are required (or --tiny-encoders SEED for a demo)")
+    vae_dtype = DTYPES[args.vae_dtype]
+    if os.path.isdir(args.vae):
+        vae = AnimaVAE.from_pretrained(args.vae, device=device, dtype=vae_dtype)
+    else:
+        vae = AnimaVAE.from_single_file(args.vae, device=device, dtype=vae_dtype)
+    text = TextEncoder.from_pretrained(args.qwen, args.qwen_tokenizer, args.t5_tokenizer,
+                                       qwen_config_path=args.qwen_config, device=device, dtype=DTYPES[args.qwen_dtype])
+    return vae, text
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``anima-ft prepare``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = args.device
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    vae, text = build_encoders(args, device)
+    cfg = PrepareConfig(out_dir=args.out, bucket_area=args.bucket_area, bucket_width_step=args.bucket_width_step,
+                        min_ar=args.min_ar, max_ar=args.max_ar, shard_size=args.shard_size,
+                        batch_size=args.batch_size, source_name=args.source_name, rank=args.rank,
+                        world_size=args.world_size, progress=not args.no_progress)
+    summary = prepare_shards(args.inputs, vae, text, cfg)
+    log.info("prepare rank %d done: %d samples in %d shards so far, counts %s (summary: %s/prepare_summary.json)",
+             args.rank, summary["samples"], summary["shards"], summary["counts"], args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,230 @@
+"""`prepare`: real images from skimage.data through fake and real (tiny) encoders into shards, counts, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+from anima_ft.data import MixedStream, SourceSpec
+from anima_ft.data.buckets import make_buckets, nearest_bucket, resize_and_crop
+from anima_ft.data.prepare import PrepareConfig, list_units, prepare_shards
+from anima_ft.data.sources import ShardReader, build_catalog
+
+skimage_data = pytest.importorskip("skimage.data")
+AREA = 64 * 64
+IMAGES = ["astronaut", "camera", "coffee", "chelsea", "rocket", "horse"]
+
+
+class FakeVAE:
+    """latent = 8x8 average pool of the pixels, channels tiled 3 -> 16 (a formula the test can recompute)."""
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(pixels.double(), 8)  # [B, 3, H/8, W/8]
+        return pooled.repeat(1, 6, 1, 1)[:, :16].float()
+
+    def fingerprint(self):
+        return "fake-vae-1"
+
+
+@dataclass
+class Encoded:
+    qwen_states: torch.Tensor
+    t5_ids: torch.Tensor
+    truncated: bool
+
+
+class FakeText:
+    """qwen_states[i] = (code of char i) / 100 in 4 columns; t5 = char codes + </s>; truncated past 20 chars."""
+
+    def encode_unpadded(self, captions):
+        out = []
+        for c in captions:
+            codes = torch.tensor([ord(ch) % 500 for ch in c[:20]], dtype=torch.float32)
+            out.append(Encoded(codes[:, None].repeat(1, 4) / 100, torch.cat([codes.long() + 2, torch.ones(1).long()]),
+                               len(c) > 20))
+        return out
+
+    def fingerprint(self):
+        return {"fake_text": 1}
+
+
+def image_of(name: str) -> Image.Image:
+    array = getattr(skimage_data, name)()
+    return Image.fromarray(array).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Six real images (png/jpg/webp) with captions, plus a corrupt image, a missing and an empty caption."""
+    root = tmp_path_factory.mktemp("images") / "imgs"
+    root.mkdir()
+    for i, name in enumerate(IMAGES):
+        ext = ["png", "jpg", "webp"][i % 3]
+        image_of(name).save(root / f"{name}.{ext}")
+        (root / f"{name}.txt").write_text(f"a photo of {name}" + (", very long words" if i == 0 else ""))
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "broken.txt").write_text("broken")
+    image_of("coins").save(root / "nocaption.png")
+    image_of("moon").save(root / "empty.png")
+    (root / "empty.txt").write_text("  \n")
+    return root
+
+
+def run(inputs, out, **kw) -> dict:
+    cfg = PrepareConfig(out_dir=str(out), bucket_area=AREA, bucket_width_step=16, shard_size=4, batch_size=2,
+                        progress=False, **kw)
+    return prepare_shards([str(i) for i in inputs], FakeVAE(), FakeText(), cfg)
+
+
+def test_prepare_folder_counts_contents_and_resume(image_folder, tmp_path):
+    summary = run([image_folder], tmp_path / "out")
+    assert summary["samples"] == len(IMAGES) and summary["shards"] == 3  # 9 inputs in units of 4
+    assert summary["counts"] == {"undecodable_image": 1, "missing_caption": 1, "empty_caption": 1,
+                                 "caption_truncated": 1}
+    assert json.loads((tmp_path / "out" / "prepare_summary.json").read_text())["counts"] == summary["counts"]
+    cat = build_catalog([SourceSpec("t", str(tmp_path / "out"))], validate="full")
+    reader, buckets = ShardReader(cat), make_buckets(AREA, 16, 16)
+    for sample_id, entry in enumerate(cat.entries):
+        sample = reader.read(sample_id)
+        name = Path(sample["meta"]["origin"]).stem
+        original = image_of(name)
+        bucket = nearest_bucket(*original.size, buckets)
+        cropped, geometry = resize_and_crop(original, bucket)
+        assert entry["bucket"] == list(bucket) and sample["meta"]["crop"] == geometry["crop"]
+        assert sample["meta"]["original_size"] == list(original.size)
+        pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float64)).permute(2, 0, 1)[None] / 127.5 - 1
+        want = F.avg_pool2d(pixels, 8).repeat(1, 6, 1, 1)[0, :16]
+        torch.testing.assert_close(sample["latent"].double(), want, atol=1e-2, rtol=1e-2)  # bf16 storage
+        caption = f"a photo of {name}" + (", very long words" if name == IMAGES[0] else "")
+        assert sample["meta"]["caption"] == caption and sample["meta"]["caption_truncated"] == (len(caption) > 20)
+        assert sample["t5_ids"].tolist() == [ord(c) % 500 + 2 for c in caption[:20]] + [1]
+    # resume: a second run writes nothing new (the tar is untouched)
+    tars = sorted((tmp_path / "out").glob("*.tar"))
+    mtimes = [t.stat().st_mtime_ns for t in tars]
+    assert run([image_folder], tmp_path / "out") == summary
+    assert [t.stat().st_mtime_ns for t in tars] == mtimes
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_ranks_split_units_disjointly(image_folder, tmp_path):
+    run([image_folder], tmp_path / "split", rank=1, world_size=2)
+    units = [u.name for u in list_units([str(image_folder)], 4)]
+    assert sorted(p.name for p in (tmp_path / "split").glob("*.tar")) == [f"{u}.tar" for u in units[1::2]]
+    summary = run([image_folder], tmp_path / "split", rank=0, world_size=2)
+    assert summary["shards"] == len(units) and summary["samples"] == len(IMAGES)
+
+
+def test_fingerprint_change_in_same_out_dir_is_refused(image_folder, tmp_path):
+    run([image_folder], tmp_path / "fp")
+
+    class OtherVAE(FakeVAE):
+        def fingerprint(self):
+            return "fake-vae-2"
+
+    cfg = PrepareConfig(out_dir=str(tmp_path / "fp"), bucket_area=AREA, bucket_width_step=16, shard_size=4,
+                        progress=False)
+    with pytest.raises(ValueError, match="new --out"):
+        prepare_shards([str(image_folder)], OtherVAE(), FakeText(), cfg)
+
+
+def test_img2dataset_tar_input(tmp_path):
+    """jpg+txt, png+json caption, a truncated image, a sample without caption, a non-image member."""
+    tar = tmp_path / "in" / "00000.tar"
+    tar.parent.mkdir()
+
+    def encoded(name, fmt):
+        buf = io.BytesIO()
+        image_of(name).save(buf, format=fmt)
+        return buf.getvalue()
+
+    with wds.TarWriter(str(tar), encoder=False) as w:
+        w.write({"__key__": "000000000", "jpg": encoded("astronaut", "JPEG"), "txt": b"astronaut in space"})
+        w.write({"__key__": "000000001", "png": encoded("coffee", "PNG"), "json": json.dumps({"caption": "coffee"}).encode()})
+        w.write({"__key__": "000000002", "jpg": encoded("camera", "JPEG")[:200], "txt": b"cut off"})
+        w.write({"__key__": "000000003", "jpg": encoded("rocket", "JPEG")})
+        w.write({"__key__": "000000004", "parquet": b"x", "txt": b"no image"})
+    summary = run([tar], tmp_path / "out")
+    assert summary["samples"] == 2
+    assert summary["counts"] == {"undecodable_image": 1, "missing_caption": 1, "missing_image": 1}
+    stream = MixedStream([SourceSpec("laion", str(tmp_path / "out"))], micro_batch_size=1, validate="full")
+    captions = {next(iter(stream))["caption"][0] for _ in range(1)}
+    assert captions <= {"astronaut in space", "coffee"}
+
+
+@pytest.fixture(scope="module")
+def long_caption_folder(image_folder) -> Path:
+    """One image whose caption is far past 512 tokens."""
+    folder = image_folder.parent / "long"
+    folder.mkdir(exist_ok=True)
+    image_of("chelsea").save(folder / "cat.png")
+    (folder / "cat.txt").write_text(" ".join(["1girl, solo, very long tag list"] * 200))
+    return folder
+
+
+def check_real_shards(out: Path, vae, text) -> None:
+    """Every stored sample equals what the encoders give for its crop and caption (bf16 storage tolerance)."""
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["samples"] == len(IMAGES) + 1
+    assert summary["counts"]["caption_truncated"] == 1 and summary["counts"]["undecodable_image"] == 1
+    cat = build_catalog([SourceSpec("t", str(out))], validate="full")
+    reader = ShardReader(cat)
+    names = set()
+    for sample_id in range(len(cat.entries)):
+        sample = reader.read(sample_id)
+        name = Path(sample["meta"]["origin"]).stem
+        names.add(name)
+        if name not in ("camera", "cat", "coffee"):
+            continue
+        cropped, _ = resize_and_crop(image_of("chelsea" if name == "cat" else name), tuple(cat.entries[sample_id]["bucket"]))
+        pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+        torch.testing.assert_close(sample["latent"].float(), vae.encode(pixels)[0].float(), atol=2e-2, rtol=2e-2)
+        ref = text.encode_unpadded([sample["meta"]["caption"]])[0]
+        assert sample["t5_ids"].tolist() == ref.t5_ids.tolist() and sample["t5_ids"][-1] == 1
+        torch.testing.assert_close(sample["qwen_states"].float(), ref.qwen_states.float(), atol=2e-2, rtol=2e-2)
+        assert sample["meta"]["caption_truncated"] == (name == "cat")
+        if name == "cat":
+            assert len(sample["t5_ids"]) == 512 and sample["qwen_states"].shape[0] == 512
+    assert names == set(IMAGES) | {"cat"}
+
+
+def test_end_to_end_real_tiny_encoders(image_folder, long_caption_folder, tmp_path, tokenizer_dir):
+    """prepare with the real AnimaVAE / TextEncoder classes (tiny random weights) and the real tokenizers."""
+    from anima_ft.model.text_encoder import TextEncoder, tiny_qwen3
+    from anima_ft.model.tokenizers import load_tokenizers
+    from anima_ft.model.vae import AnimaVAE, tiny_vae
+
+    qwen_tok, t5_tok = load_tokenizers(tokenizer_dir / "qwen3_06b", tokenizer_dir / "t5_old")
+    vae, text = AnimaVAE(tiny_vae(seed=0)), TextEncoder(tiny_qwen3(seed=0).to(torch.bfloat16), qwen_tok, t5_tok)
+    cfg = PrepareConfig(out_dir=str(tmp_path / "real"), bucket_area=AREA, bucket_width_step=16, shard_size=4,
+                        batch_size=3, progress=False)
+    prepare_shards([str(image_folder), str(long_caption_folder)], vae, text, cfg)
+    check_real_shards(tmp_path / "real", vae, text)
+    batch = next(iter(MixedStream([SourceSpec("t", str(tmp_path / "real"))], micro_batch_size=2)))
+    assert batch["qwen_states"].shape[2] == text.hidden_size and batch["latents"].shape[1] == 16
+
+
+@pytest.mark.slow
+def test_cli_with_tiny_encoders(image_folder, long_caption_folder, tmp_path, tokenizer_dir):
+    """`anima-ft prepare --tiny-encoders 0` writes the same shards the library call does."""
+    from anima_ft.cli import main
+    from anima_ft.model.text_encoder import TextEncoder, tiny_qwen3
+    from anima_ft.model.tokenizers import load_tokenizers
+    from anima_ft.model.vae import AnimaVAE, tiny_vae
+
+    qwen_dir, t5_dir = tokenizer_dir / "qwen3_06b", tokenizer_dir / "t5_old"
+    out = tmp_path / "cli"
+    argv = ["prepare", str(image_folder), str(long_caption_folder), "--out", str(out), "--tiny-encoders", "0",
+            "--qwen-tokenizer", str(qwen_dir), "--t5-tokenizer", str(t5_dir), "--bucket-area", str(AREA),
+            "--bucket-width-step", "16", "--shard-size", "4", "--batch-size", "3", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    qwen_tok, t5_tok = load_tokenizers(qwen_dir, t5_dir)
+    check_real_shards(out, AnimaVAE(tiny_vae(seed=0)), TextEncoder(tiny_qwen3(seed=0).to(torch.bfloat16), qwen_tok, t5_tok))
