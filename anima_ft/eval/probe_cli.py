@@ -4,7 +4,9 @@ Writes ``probe.csv`` (checkpoint, step, set, sigma, loss, rel_to_first), ``probe
 ``probe_loss.png`` / ``probe_loss_rel.png`` (loss against step or checkpoint, one line per sigma, one panel per set)
 into ``--out-dir``. Runs on one process, or sharded under ``torchrun`` (rank 0 writes the files).
 
-Eval-set paths are shard directories/globs from ``anima-ft prepare``. The step of each checkpoint is read from its
+Eval-set paths are shard directories/globs from ``anima-ft prepare``, or image folders (``*.png``/``*.jpg`` with
+optional same-stem ``.txt`` captions) that are encoded on the fly with ``--vae`` and ``--qwen`` (same flags as
+``anima-ft prepare``; each image is resized and center-cropped to its nearest bucket of ``--bucket-area``). The step of each checkpoint is read from its
 file name (``..._step1200.safetensors``, ``step-1200``, ``global_step1200``) unless ``--steps`` gives them; without
 steps the x axis is the checkpoint name.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from anima_ft.eval.eval_sets import load_shard_eval_set
+from anima_ft.eval.eval_sets import IMAGE_SUFFIXES, encode_image_folder, load_shard_eval_set
 from anima_ft.eval.probe import DEFAULT_NUM_NOISES, DEFAULT_SIGMAS, evaluate_sets
 
 logger = logging.getLogger(__name__)
@@ -59,21 +61,77 @@ def add_probe_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bf16", help="model dtype: bf16, fp32, fp64 or file (keep the file's)")
     ap.add_argument("--out-dir", default=None, help="where to write CSVs and PNGs")
+    enc = ap.add_argument_group("encoders for image-folder eval sets (as in `anima-ft prepare`)")
+    enc.add_argument("--vae", help="Qwen-Image VAE: official single .safetensors file or a diffusers directory")
+    enc.add_argument("--qwen", help="Qwen3-0.6B-Base: single .safetensors file (+ --qwen-config) or an HF directory")
+    enc.add_argument("--qwen-config", help="config.json for a single-file --qwen")
+    enc.add_argument("--qwen-tokenizer", help="directory with the Qwen3 tokenizer")
+    enc.add_argument("--t5-tokenizer", help="directory with the T5 tokenizer")
+    enc.add_argument("--tiny-encoders", type=int, metavar="SEED", default=None,
+                     help="TESTS ONLY: tiny random encoders instead of --vae/--qwen")
+    enc.add_argument("--vae-dtype", default="fp32", help="VAE dtype (bf16, fp32)")
+    enc.add_argument("--qwen-dtype", default="bf16", help="Qwen3 dtype (bf16, fp32)")
+    enc.add_argument("--bucket-area", type=int, default=1024 * 1024, help="pixels per image for image folders")
 
 
 def eval_sets_from_args(args: argparse.Namespace) -> dict:
     """Parse ``--eval-set NAME=PATH`` options into ``{name: [EvalSample]}``."""
     if not args.eval_set:
         raise ValueError("no --eval-set given: pass e.g. --eval-set replay=/data/replay_shards")
-    sets = {}
+    sets, encoders = {}, None
     for spec in args.eval_set:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--eval-set {spec!r} must look like NAME=PATH, e.g. replay=/data/replay_shards")
         if name in sets:
             raise ValueError(f"--eval-set name {name!r} is given twice")
-        sets[name] = load_shard_eval_set(path, name=name, limit=args.limit or None)
+        if _is_image_folder(path):
+            encoders = encoders or _build_encoders(args)
+            sets[name] = _encode_folder(path, *encoders, args.bucket_area, args.limit or None)
+        else:
+            sets[name] = load_shard_eval_set(path, name=name, limit=args.limit or None)
     return sets
+
+
+def _is_image_folder(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and not any(p.glob("*.tar")) and any(q.suffix.lower() in IMAGE_SUFFIXES for q in p.iterdir())
+
+
+def _build_encoders(args: argparse.Namespace):
+    """(vae, text_encoder) from the prepare-style flags; ``ValueError`` when they are missing."""
+    from anima_ft.data.prepare_cli import build_encoders
+
+    if args.tiny_encoders is None and not (args.vae and args.qwen):
+        raise ValueError("image-folder eval sets need --vae and --qwen (plus --qwen-tokenizer/--t5-tokenizer), or "
+                         "encode the folder once with `anima-ft prepare` and pass the shards")
+    if not (args.qwen_tokenizer and args.t5_tokenizer):
+        raise ValueError("image-folder eval sets need --qwen-tokenizer and --t5-tokenizer")
+    device = args.device if args.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return build_encoders(args, device)
+
+
+def _encode_folder(path: str, vae, text, bucket_area: int, limit: int | None) -> list:
+    """Encode an image folder like ``anima-ft prepare`` does (nearest bucket, resize + center crop)."""
+    import numpy as np
+    from PIL import Image
+
+    from anima_ft.data.buckets import make_buckets, nearest_bucket, resize_and_crop
+
+    buckets = make_buckets(bucket_area)
+
+    def encode_image(p: Path) -> torch.Tensor:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            img, _ = resize_and_crop(im, nearest_bucket(*im.size, buckets))
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        return vae.encode(pixels)[0].float().cpu()  # [16, h, w]
+
+    def encode_caption(caption: str):
+        enc = text.encode_unpadded([caption])[0]
+        return enc.qwen_states.float(), enc.t5_ids
+
+    return encode_image_folder(path, encode_image, encode_caption, limit)
 
 
 def _init_distributed(device: str) -> bool:

@@ -51,6 +51,14 @@ def compose_grid(images: torch.Tensor, row_labels: Sequence[str], col_labels: Se
     return grid
 
 
+def encode_prompts(text_encoder, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(qwen_states [S, Cq], t5_ids [L])]`` per prompt on the CPU, from ``TextEncoder.encode_unpadded``.
+
+    Run once when the runner is built; the text encoder can then be freed.
+    """
+    return [(e.qwen_states.float().cpu(), e.t5_ids.cpu()) for e in text_encoder.encode_unpadded(list(prompts))]
+
+
 class SampleGridRunner:
     """Fixed prompts x seeds sample grid every ``every_steps`` steps (see the module docstring).
 

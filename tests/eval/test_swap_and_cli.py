@@ -105,3 +105,35 @@ def test_probe_cli_end_to_end(ckpts, tmp_path, capsys):
     assert len(list(csv.DictReader(open(out / "probe_samples.csv")))) == 2 * 3 * 2
     for png in ("probe_loss.png", "probe_loss_rel.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_cli_image_folder_with_tiny_encoders(ckpts, tmp_path, tokenizer_dir):
+    """An image folder is encoded on the fly (prepare's buckets and encoders) and equals the in-memory probe."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    (folder / "im0.txt").write_text("1girl, solo")
+    args = ["--eval-set", f"unrelated={folder}", "--sigmas", "0.5", "--num-noises", "2", "--dtype", "fp32",
+            "--device", "cpu", "--tiny-encoders", "0", "--bucket-area", "4096",
+            "--qwen-tokenizer", str(tokenizer_dir / "qwen3_06b"), "--t5-tokenizer", str(tokenizer_dir / "t5_old")]
+    out = tmp_path / "out"
+    assert probe_cli.main([ckpts["A"], *args, "--out-dir", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "probe_samples.csv")))
+    assert [r["key"] for r in rows] == ["im0", "im1"]
+    ns = probe_cli.argparse.Namespace(eval_set=[f"unrelated={folder}"], limit=0, **{
+        "vae": None, "qwen": None, "qwen_config": None, "qwen_tokenizer": str(tokenizer_dir / "qwen3_06b"),
+        "t5_tokenizer": str(tokenizer_dir / "t5_old"), "tiny_encoders": 0, "vae_dtype": "fp32", "qwen_dtype": "bf16",
+        "bucket_area": 4096, "device": "cpu"})
+    sets = probe_cli.eval_sets_from_args(ns)
+    s0 = sets["unrelated"][0]
+    assert s0.latents.shape == (16, 8, 8) and s0.caption == "1girl, solo" and s0.t5_ids[-1] == 1
+    assert sets["unrelated"][1].qwen_states.shape[0] == 0  # no caption file: empty caption
+    from anima_ft.model import load_anima
+
+    ref = evaluate_sets(load_anima(ckpts["A"]), sets, (0.5,), 2)["unrelated"]
+    assert [float(r["loss"]) for r in rows] == ref[:, 0].tolist()
