@@ -140,7 +140,11 @@ def test_single_file_and_hf_dir_loading(tmp_path, qwen64):
     loaded = load_qwen3(tmp_path / "qwen_3_06b_base.safetensors", qwen_config_path=tmp_path / "cfg.json",
                         dtype=torch.float32)  # fmt: skip
     torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, ref, rtol=0, atol=0)
-    model.save_pretrained(str(tmp_path / "hf"))
+    from transformers import Qwen3ForCausalLM  # an HF checkpoint directory as published: "model." keys + lm_head
+
+    causal_lm = Qwen3ForCausalLM(model.config)
+    causal_lm.model.load_state_dict(model.state_dict())
+    causal_lm.save_pretrained(str(tmp_path / "hf"))
     from_dir = load_qwen3(tmp_path / "hf", dtype=torch.float32)
     torch.testing.assert_close(from_dir(input_ids=ids).last_hidden_state, ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="config.json"):
@@ -172,3 +176,15 @@ def test_tokenizer_identity_is_stable_across_processes(tokenizers, tokenizer_dir
             "print(f(q)); print(f(t))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [tokenizer_identity(tokenizers[0]), tokenizer_identity(tokenizers[1])]
+
+
+def test_real_qwen3_config_gives_spec_parameter_count(tokenizer_dir):
+    """Qwen3-0.6B-Base from the shipped config.json: 596,049,920 parameters with tied embeddings (spec §4/§5)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config.from_json_file(str(tokenizer_dir / "qwen3_06b" / "config.json"))
+    with torch.device("meta"):
+        model = Qwen3Model(config)
+    assert sum(p.numel() for p in model.parameters()) == 596_049_920
+    assert model.embed_tokens.weight.shape == (151936, 1024) and len(model.layers) == 28
+    assert "norm.weight" in model.state_dict() and "lm_head.weight" not in model.state_dict()
