@@ -99,8 +99,9 @@ def tiny_qwen3(hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4, n
                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                          head_dim=head_dim, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
                          max_position_embeddings=4096)  # fmt: skip
-    torch.manual_seed(seed)
-    return Qwen3Model(config).eval()
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        return Qwen3Model(config).eval()
 
 
 def _find_config(qwen_path: Path, qwen_config_path, qwen_tokenizer_dir) -> Path:

@@ -171,8 +171,9 @@ def tiny_vae(base_dim: int = 8, num_res_blocks: int = 2, seed: int = 0):
     """
     from diffusers import AutoencoderKLQwenImage
 
-    torch.manual_seed(seed)
-    vae = AutoencoderKLQwenImage(base_dim=base_dim, z_dim=LATENT_CHANNELS, num_res_blocks=num_res_blocks)
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        vae = AutoencoderKLQwenImage(base_dim=base_dim, z_dim=LATENT_CHANNELS, num_res_blocks=num_res_blocks)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in vae.named_parameters():
@@ -194,6 +195,11 @@ class AnimaVAE(nn.Module):
             logger.warning("the VAE config's latents_mean/std differ from Anima's; using Anima's constants (spec §6)")
         self.vae = vae.eval().requires_grad_(False)
         self._fingerprint: str | None = None
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moving or casting the weights (``.to``, ``.half``, ...) invalidates the cached fingerprint."""
+        self._fingerprint = None
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ loading
     @classmethod

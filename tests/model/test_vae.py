@@ -146,3 +146,13 @@ def test_fingerprint_tracks_weights(vae):
     a = AnimaVAE(tiny_vae(seed=0)).fingerprint()
     assert a == AnimaVAE(tiny_vae(seed=0)).fingerprint()
     assert a != AnimaVAE(tiny_vae(seed=1)).fingerprint()
+
+
+def test_fingerprint_follows_dtype_cast_and_tiny_vae_keeps_global_rng():
+    wrapped = AnimaVAE(tiny_vae(seed=0))
+    fp32 = wrapped.fingerprint()
+    wrapped.to(torch.float64)
+    assert wrapped.fingerprint() != fp32
+    state = torch.random.get_rng_state()
+    tiny_vae(seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
