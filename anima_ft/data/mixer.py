@@ -14,6 +14,7 @@ convention: Qwen mask all False with zero states, T5 ids ``[1, 0, ...]`` with ma
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 
@@ -88,7 +89,7 @@ class _RankStream(IterableDataset):
     def _load(self, plan: MicroBatchPlan, planner: MixPlanner, reader: ShardReader) -> dict:
         samples, skips = [], Counter()
         for source, sample_id, epoch, position in plan.samples:
-            candidates = [sample_id, *planner.following(source, plan.bucket, epoch, position)]
+            candidates = itertools.chain([sample_id], planner.following(source, plan.bucket, epoch, position))
             for k, candidate in enumerate(candidates):
                 try:
                     sample = reader.read(candidate)
