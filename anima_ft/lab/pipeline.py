@@ -1,0 +1,191 @@
+"""The lab's steps: prepare the digit shards, launch ``deepspeed`` training runs, drift, sample grids.
+
+Each function does one step of :mod:`anima_ft.lab.run` and writes its outputs under the lab directory::
+
+    data/settings.json  data/codec.safetensors  data/images/<split>/  data/shards/<split>/*.tar
+    <run>/ (trainer run dir: config.yaml, metrics.jsonl, probe.jsonl, train.log)   base.safetensors  <variant>.safetensors
+    drift/ (anima-ft drift outputs + drift_kinds.csv)   grids/*.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from anima_ft.lab.codec import PCAPatchCodec
+from anima_ft.lab.digits import caption_vocabulary, load_digit_splits, pixels_from_images, write_image_folder
+from anima_ft.lab.text_stack import LabTextEncoder
+
+logger = logging.getLogger(__name__)
+SPLITS = ("target_train", "replay_train", "target_probe", "replay_probe")
+TEXT_WIDTH = 32  # = AnimaConfig.tiny().adapter.source_dim
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DIT_KINDS = ("self_attn", "cross_attn", "mlp", "adaln", "embedders", "final_layer")
+
+
+def build_text_encoder(seed: int) -> LabTextEncoder:
+    """The lab's tiny text stack (deterministic for ``seed``)."""
+    return LabTextEncoder.build(caption_vocabulary(), hidden_size=TEXT_WIDTH, seed=seed)
+
+
+def prepare_data(data_dir: Path, data_settings: dict) -> dict:
+    """Images -> codec -> shards for the four splits; reuses everything when ``settings.json`` matches.
+
+    Returns ``{"counts": {split: n}, "reused": bool, "codec": fingerprint, "seconds": s}``.
+    """
+    from anima_ft.data.prepare import PrepareConfig, prepare_shards
+
+    t0 = time.perf_counter()
+    settings_path = data_dir / "settings.json"
+    codec_path = data_dir / "codec.safetensors"
+    done = settings_path.exists() and json.loads(settings_path.read_text()).get("settings") == data_settings
+    if done and codec_path.exists() and all((data_dir / "shards" / s / "prepare_summary.json").exists() for s in SPLITS):
+        saved = json.loads(settings_path.read_text())
+        logger.info("reusing prepared shards in %s", data_dir)
+        return {**saved["result"], "reused": True, "seconds": time.perf_counter() - t0}
+    if data_dir.exists():
+        logger.info("data settings changed (or data incomplete): re-preparing %s", data_dir)
+        shutil.rmtree(data_dir)
+    splits = load_digit_splits(tuple(data_settings["target_classes"]), data_settings["probe_per_class"],
+                               data_settings["image_size"], data_settings["seed"],
+                               data_settings["max_train_per_class"])
+    train_images = [s.image for name in ("target_train", "replay_train") for s in splits[name]]
+    codec = PCAPatchCodec.fit(torch.from_numpy(pixels_from_images(train_images)))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    codec.save(codec_path)
+    text = build_text_encoder(data_settings["seed"])
+    counts = {}
+    for name in SPLITS:
+        folder = write_image_folder(splits[name], data_dir / "images" / name)
+        cfg = PrepareConfig(out_dir=str(data_dir / "shards" / name), bucket_area=data_settings["image_size"] ** 2,
+                            shard_size=4096, batch_size=64, source_name=name.split("_")[0], progress=False)
+        summary = prepare_shards([str(folder)], codec, text, cfg)
+        if summary["samples"] != len(splits[name]):
+            raise RuntimeError(f"prepare wrote {summary['samples']} of {len(splits[name])} {name} samples "
+                               f"(skipped: {summary['counts']}); see {cfg.out_dir}/prepare_summary.json")
+        counts[name] = summary["samples"]
+    result = {"counts": counts, "codec": codec.fingerprint()}
+    settings_path.write_text(json.dumps({"settings": data_settings, "result": result}, indent=1))
+    return {**result, "reused": False, "seconds": time.perf_counter() - t0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: int, probe_sets: dict[str, Path],
+                    probe_args: list[str], export_path: Path, reuse: bool = False) -> float:
+    """``deepspeed --num_gpus nproc anima_ft/lab/train_entry.py ...`` into a fresh ``run_dir``; returns seconds.
+
+    ``reuse=True`` skips the run (returns 0.0) when ``run_dir/done.json`` records the same command and recipe text.
+
+    The launcher's output goes to ``run_dir/train.log``; a failed run raises RuntimeError with the log's tail.
+    """
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    args = [str(REPO_ROOT / "anima_ft" / "lab" / "train_entry.py"), "--config", str(config), "--export",
+            str(export_path)]
+    for name, path in probe_sets.items():
+        args += ["--probe-set", f"{name}={path}"]
+    if probe_sets:
+        args += ["--probe-out", str(run_dir / "probe.jsonl"), *probe_args]
+    args += [f"run.dir={run_dir}", "checkpoint.resume=none", *overrides]
+    record = json.dumps({"nproc": nproc, "args": args, "config_text": Path(config).read_text()}, indent=1)
+    done = run_dir / "done.json"
+    if reuse and done.exists() and done.read_text() == record and export_path.exists():
+        logger.info("reusing finished run %s (same command and recipe)", run_dir)
+        return 0.0
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(_free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+    logger.info("training %s (%d ranks), log: %s", run_dir.name, nproc, run_dir / "train.log")
+    t0 = time.perf_counter()
+    with open(run_dir / "train.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT).returncode
+    if rc != 0 or not export_path.exists():
+        tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"training run {run_dir} failed (exit {rc}); last lines of train.log:\n{tail}")
+    done.write_text(record)
+    return time.perf_counter() - t0
+
+
+def run_drift(base: Path, finals: dict[str, Path], out_dir: Path) -> dict[str, dict[str, float]]:
+    """``anima-ft drift`` (tables, CSVs, heatmap) plus ``drift_kinds.csv``: per variant, the relative change of
+    ``llm_adapter``, of the whole DiT (``dit``) and of each DiT kind against the base model."""
+    from anima_ft.eval import drift
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [str(base), *map(str, finals.values())]
+    drift.main([*paths, "--labels", ",".join(["base", *finals]), "--out-dir", str(out_dir)])
+    result: dict[str, dict[str, float]] = {}
+    for name, path in finals.items():
+        kinds = drift.kind_table(drift.compare_files(base, path).groups)
+        dit = drift.DriftStats()
+        for k in DIT_KINDS:
+            if k in kinds:
+                dit += kinds[k]
+        result[name] = {"llm_adapter": kinds["llm_adapter"].rel, "dit": dit.rel,
+                        **{k: kinds[k].rel for k in DIT_KINDS if k in kinds}}
+    with open(out_dir / "drift_kinds.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["variant", "kind", "rel_change"])
+        for name, row in result.items():
+            for kind, rel in row.items():
+                w.writerow([name, kind, repr(rel)])
+    return result
+
+
+def read_drift_kinds(path: Path) -> dict[str, dict[str, float]]:
+    """Parse ``drift_kinds.csv`` back into ``{variant: {kind: rel}}``."""
+    out: dict[str, dict[str, float]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            out.setdefault(row["variant"], {})[row["kind"]] = float(row["rel_change"])
+    return out
+
+
+def make_grids(checkpoints: dict[str, Path], data_dir: Path, out_dir: Path, seed: int, per_class: int,
+               num_steps: int, guidance: float, image_size: int) -> dict[str, str]:
+    """A sample grid per checkpoint plus the codec round trip of real probe images: ``{title: png path}``."""
+    from anima_ft.lab.digits import caption_for
+    from anima_ft.lab.grids import sample_digits, save_grid
+    from anima_ft.model import load_anima
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    codec = PCAPatchCodec.load(data_dir / "codec.safetensors")
+    text = build_text_encoder(seed)
+    captions = [caption_for(label, 0) for label in range(10)]
+    labels = [str(label) for label in range(10)]
+    grids = {}
+    real = sorted((data_dir / "images").glob("*_probe/*.png"))
+    by_class = [[p for p in real if p.name.startswith(f"digit{label}_")][:per_class] for label in range(10)]
+    if all(len(row) == per_class for row in by_class):
+        from PIL import Image
+
+        px = torch.from_numpy(pixels_from_images([Image.open(p) for row in by_class for p in row]))
+        recon = codec.decode(codec.encode(px)).clamp(-1, 1).view(10, per_class, 3, image_size, image_size)
+        grids["real probe images (codec round trip)"] = str(save_grid(recon, out_dir / "real.png", labels))
+    for name, path in checkpoints.items():
+        model = load_anima(str(path), dtype=torch.float32)
+        images = sample_digits(model, text, codec, captions, per_class, image_size // codec.patch, seed=seed,
+                               num_steps=num_steps, guidance_scale=guidance)
+        grids[f"{name}: samples for 'a handwritten digit <row>'"] = str(save_grid(images, out_dir / f"{name}.png",
+                                                                                   labels))
+    return grids

@@ -1,0 +1,177 @@
+"""``anima-ft lab``: the CPU mini-lab. Forgetting and replay on real images, end to end, in about five minutes.
+
+1. prepare: scikit-learn's handwritten digits (captioned from their labels) -> PCA patch codec latents (a stand-in
+   for the Qwen-Image VAE, demo only) + a tiny Qwen3 / word-level tokenizers -> shards via ``anima_ft.data.prepare``.
+2. base: a tiny Anima (DiT + adapter) trained from random init on all ten classes (``deepspeed``, 2 CPU ranks,
+   ZeRO-2; recipe ``configs/lab/pretrain.yaml``).
+3. fine-tunes from that base on the target classes, one per recipe ``configs/lab/ft_*.yaml``: no replay, 25% replay,
+   adapter frozen for the first stage. The fixed-sigma probe runs on held-out images of the replay classes and of
+   the target classes at step 0 and every ``eval.probe_every_steps`` steps.
+4. drift of adapter and DiT groups against the base, sample grids decoded by the codec, and ``report.md``.
+
+Deterministic for a seed; a second run with the same data settings reuses the prepared shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from anima_ft.lab import pipeline
+from anima_ft.lab.report import VariantResult, mean, write_report
+
+logger = logging.getLogger(__name__)
+VARIANTS = {
+    "no_replay": ("ft_no_replay.yaml", "Target digits only; every parameter group trainable."),
+    "replay25": ("ft_replay25.yaml", "Every batch: 75% target digits, 25% replay-class digits (training images)."),
+    "adapter_frozen_first": ("ft_adapter_frozen_first.yaml",
+                             "Target digits only; the LLM adapter is frozen (LR 0) for the first half of the steps, "
+                             "then every group trains."),
+}
+HELD_OUT, TARGET = "replay_classes", "target_classes"
+FULL = {"pretrain_steps": 400, "finetune_steps": 150, "probe_every": 25, "probe_per_class": 6,
+        "max_train_per_class": 0, "grid_per_class": 4, "grid_steps": 16}
+QUICK = {"pretrain_steps": 60, "finetune_steps": 20, "probe_every": 10, "probe_per_class": 3,
+         "max_train_per_class": 40, "grid_per_class": 2, "grid_steps": 6}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line flags (``--quick`` shortens everything for the end-to-end test)."""
+    ap = argparse.ArgumentParser(prog="anima-ft lab", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/lab"), help="lab directory (report.md goes here)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of data splits, codec, text stack, model, noise, probe")
+    ap.add_argument("--quick", action="store_true", help="tiny version (~1-2 min): fewer images and steps")
+    ap.add_argument("--target-classes", default="0,1,2", help="digits of the fine-tuning target (rest = replay)")
+    ap.add_argument("--nproc", type=int, default=2, help="deepspeed ranks (CPU processes)")
+    ap.add_argument("--configs", type=Path, default=pipeline.REPO_ROOT / "configs" / "lab", help="recipe folder")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    ap.add_argument("--pretrain-steps", type=int, default=0, help="override the base model's steps (0 = preset)")
+    ap.add_argument("--finetune-steps", type=int, default=0, help="override each fine-tune's steps (0 = preset)")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="skip training runs whose directory holds a finished run of the same command (for iterating "
+                         "on the report); off by default: every run trains afresh")
+    return ap.parse_args(argv)
+
+
+def stage_overrides(config: Path, total: int) -> list[str]:
+    """Dotlist setting the recipe's stage lengths to sum to ``total`` (stages split evenly, the last takes the rest)."""
+    from anima_ft.config import load_config
+
+    n = len(load_config(config).stages)
+    if n == 0:
+        return [f"num_steps={total}"]
+    each = total // n
+    out = [f"stages.{i}.num_steps={each}" for i in range(n - 1)]
+    return out + [f"stages.{n - 1}.num_steps={total - each * (n - 1)}"]
+
+
+def variant_from_probe(name: str, description: str, probe_path: Path) -> VariantResult:
+    """Build the report's view of one fine-tune from its ``probe.jsonl``."""
+    lines = [json.loads(line) for line in probe_path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise RuntimeError(f"{probe_path} is empty: the probe callback did not run")
+    steps = [rec["step"] for rec in lines]
+    curve = {s: [[mean(col) for col in zip(*rec["per_image"][s])] for rec in lines] for s in lines[0]["per_image"]}
+    end = {s: [mean(row) for row in lines[-1]["per_image"][s]] for s in lines[-1]["per_image"]}
+    return VariantResult(name, description, steps, curve, end)
+
+
+def main(argv: list[str]) -> int:
+    """Run the whole lab and write ``<out>/report.md``; returns 0 on success."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    preset = dict(QUICK if args.quick else FULL)
+    preset["pretrain_steps"] = args.pretrain_steps or preset["pretrain_steps"]
+    preset["finetune_steps"] = args.finetune_steps or preset["finetune_steps"]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or "no_replay" not in variants:
+        raise ValueError(f"--variants {args.variants!r}: choose from {list(VARIANTS)}, including no_replay "
+                         "(the baseline every other variant is compared with)")
+    target = tuple(int(c) for c in args.target_classes.split(","))
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start, timings = time.perf_counter(), {}
+
+    data_settings = {"seed": args.seed, "target_classes": list(target), "image_size": 32,
+                     "probe_per_class": preset["probe_per_class"], "max_train_per_class": preset["max_train_per_class"]}
+    data = pipeline.prepare_data(out / "data", data_settings)
+    timings["prepare" + (" (reused shards)" if data["reused"] else "")] = data["seconds"]
+    shards = {s: out / "data" / "shards" / s for s in pipeline.SPLITS}
+    counts = data["counts"]
+    sources = [f"data.sources.0.shards=[{shards['target_train']}]", f"data.sources.1.shards=[{shards['replay_train']}]"]
+
+    base = out / "base.safetensors"
+    pre_cfg = args.configs / "pretrain.yaml"
+    total_train = counts["target_train"] + counts["replay_train"]
+    overrides = [*sources, f"run.seed={args.seed}", *stage_overrides(pre_cfg, preset["pretrain_steps"]),
+                 f"data.sources.0.weight={counts['target_train'] / total_train}",
+                 f"data.sources.1.weight={counts['replay_train'] / total_train}"]
+    if args.quick:
+        overrides.append("stages.0.warmup_steps=5")
+    timings["base model (deepspeed)"] = pipeline.launch_training(pre_cfg, out / "pretrain", overrides, args.nproc,
+                                                                 {}, [], base, args.reuse_runs)
+    probe_sets = {HELD_OUT: shards["replay_probe"], TARGET: shards["target_probe"]}
+    finals, results, failed, configs = {}, [], {}, {"base": "pretrain/config.yaml"}
+    for name in variants:
+        recipe, description = VARIANTS[name]
+        cfg_path = args.configs / recipe
+        finals[name] = out / f"{name}.safetensors"
+        ov = [*sources, f"run.seed={args.seed}", f"model.init_path={base}", f"eval.probe_every_steps="
+              f"{preset['probe_every']}", *stage_overrides(cfg_path, preset["finetune_steps"])]
+        try:
+            seconds = pipeline.launch_training(cfg_path, out / f"ft_{name}", ov, args.nproc, probe_sets, [],
+                                               finals[name], args.reuse_runs)
+        except RuntimeError as err:  # report the other variants, then exit non-zero
+            logger.error("variant %s failed: %s", name, err)
+            failed[name] = str(err)
+            finals.pop(name)
+            continue
+        timings[f"fine-tune {name} (deepspeed, with probe)"] = seconds
+        results.append(variant_from_probe(name, description, out / f"ft_{name}" / "probe.jsonl"))
+        results[-1].train_seconds = seconds
+        configs[name] = f"ft_{name}/config.yaml"
+
+    t0 = time.perf_counter()
+    drift = pipeline.run_drift(base, finals, out / "drift")
+    for v in results:
+        v.drift = drift[v.name]
+    timings["drift"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    grids = pipeline.make_grids({"base": base, **finals}, out / "data", out / "grids", args.seed,
+                                preset["grid_per_class"], preset["grid_steps"], 3.0, 32)
+    timings["sample grids"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    setup = [
+        f"- Data: scikit-learn handwritten digits (8x8 scans upscaled to 32x32), captioned from their labels. Target "
+        f"classes {list(target)}; replay classes {[c for c in range(10) if c not in target]}. Training images: "
+        f"{counts['target_train']} target, {counts['replay_train']} replay. Held-out probe images (never trained "
+        f"on): {counts['replay_probe']} of the replay classes (set `{HELD_OUT}`), {counts['target_probe']} of the "
+        f"target classes (set `{TARGET}`).",
+        "- Latents: a PCA patch codec fitted on the training images (8x8 RGB patches -> 16 channels, a 4x4 latent), "
+        "a stand-in for the Qwen-Image VAE used by the real pipeline. Text: a tiny random Qwen3 (width 32) and "
+        "word-level tokenizers built from the caption vocabulary, stand-ins for Qwen3-0.6B and the T5 tokenizer.",
+        f"- Model: `AnimaConfig.tiny()` (DiT width 64, 2 blocks, adapter width 32, 2 layers). Base: "
+        f"{preset['pretrain_steps']} steps on all classes. Each fine-tune: {preset['finetune_steps']} steps from the "
+        f"base, probed every {preset['probe_every']} steps. `deepspeed` with {args.nproc} CPU ranks, ZeRO-2, fp32.",
+        f"- Mode: {'--quick (shortened; numbers are noisy)' if args.quick else 'full'}. Every number below is read "
+        "from the run's files (`ft_*/probe.jsonl`, `drift/drift_kinds.csv`); `lab_summary.json` holds them all.",
+    ]
+    if not results:
+        raise RuntimeError(f"every fine-tune failed: {failed}")
+    first_probe = json.loads((out / f"ft_{results[0].name}" / "probe.jsonl").read_text().splitlines()[0])
+    meta = {"seed": args.seed, "sigmas": first_probe["sigmas"], "num_noises": first_probe["num_noises"], "held_out": HELD_OUT, "target": TARGET, "baseline": "no_replay",
+            "drift_groups": ["llm_adapter", "dit", *pipeline.DIT_KINDS], "setup": setup, "timings": timings,
+            "grids": {k: str(Path(p).relative_to(out)) for k, p in grids.items()}, "configs": configs,
+            "failed": failed}
+    summary = {"meta": meta, "settings": preset, "data": data,
+               "variants": {v.name: {"steps": v.steps, "curve": v.curve, "drift": v.drift} for v in results}}
+    (out / "lab_summary.json").write_text(json.dumps(summary, indent=1))
+    report = write_report(out, results, meta)
+    logger.info("wrote %s (%.0f s in all)", report, timings["total"])
+    print(f"report: {report}")
+    return 1 if failed else 0
