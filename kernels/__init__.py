@@ -15,7 +15,6 @@ Each resolves on first use to the Triton implementation; call :func:`triton_avai
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from typing import Any
 
@@ -37,7 +36,9 @@ _LAZY = {
 
 def triton_available() -> bool:
     """True when Triton is importable and can run here: a CUDA GPU is present, or ``TRITON_INTERPRET=1``."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # missing, or broken (e.g. no compiler backend): either way the kernels cannot run
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True

@@ -21,9 +21,21 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return max(triton.next_power_of_2(int(n)), minimum)
 
 
-def autotune_configs(gpu_configs: list[triton.Config], interpret_config: triton.Config) -> list[triton.Config]:
-    """The GPU config list, or one small config under ``TRITON_INTERPRET=1`` (autotuning there is pointless)."""
-    return [interpret_config] if INTERPRET else gpu_configs
+def maybe_autotune(configs: list[triton.Config], key: list[str]):
+    """``triton.autotune(configs, key)`` on a GPU; the identity under ``TRITON_INTERPRET=1``.
+
+    Interpreted launches pass their block sizes explicitly (see :func:`interpret_block`), since benchmarking
+    configs in the interpreter is meaningless and slow.
+    """
+    if INTERPRET:
+        return lambda fn: fn
+    return triton.autotune(configs=configs, key=key)
+
+
+def interpret_block(n: int) -> int:
+    """Interpreter tile size for a length-``n`` axis: 16 for short test sequences (several tiles, so tile edges are
+    exercised), 128 beyond 64 (the interpreter's cost is per operation, so fewer, larger tiles run much faster)."""
+    return 16 if n <= 64 else 128
 
 
 def check_device(*tensors: torch.Tensor) -> None:

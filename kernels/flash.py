@@ -27,24 +27,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import MIN_DOT_DIM, autotune_configs, next_pow2
+from kernels._common import INTERPRET, MIN_DOT_DIM, interpret_block, maybe_autotune, next_pow2
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2
 
-_FWD_CONFIGS = autotune_configs(
-    [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)]
-    ],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-)
-_BWD_CONFIGS = autotune_configs(
-    [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
-    ],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-)
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)]
+]
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
+]
+_TUNE_KEY = ["D", "LEN_KEY", "HAS_MASK"]
 
 
 @triton.jit
@@ -64,7 +59,7 @@ def _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK: tl.constexpr):
     return valid
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["D", "LEN_KEY", "HAS_MASK"])
+@maybe_autotune(_FWD_CONFIGS, _TUNE_KEY)
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, KMASK, OUT, LSE,
@@ -128,7 +123,7 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["D", "LEN_KEY", "HAS_MASK"])
+@maybe_autotune(_BWD_CONFIGS, _TUNE_KEY)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, KMASK, DO, LSE, DELTA, DK, DV,
@@ -172,7 +167,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["D", "LEN_KEY", "HAS_MASK"])
+@maybe_autotune(_BWD_CONFIGS, _TUNE_KEY)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, KMASK, DO, LSE, DELTA, DQ,
@@ -218,6 +213,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _blocks(Lq: int, Lk: int) -> dict:
+    """Explicit tile sizes under the interpreter; empty on a GPU, where the autotuner picks them."""
+    return {"BLOCK_M": interpret_block(Lq), "BLOCK_N": interpret_block(Lk)} if INTERPRET else {}
+
+
 def _len_key(n: int) -> int:
     """Autotune bucket for a sequence length (power of two), so varying caption lengths do not re-tune."""
     return next_pow2(n, 16)
@@ -245,6 +245,7 @@ def flash_forward(
         key_mask.stride(0) if key_mask is not None else 0,
         H, Lq, Lk, D, LOG2E / math.sqrt(D), _len_key(min(Lq, Lk)),
         HAS_MASK=key_mask is not None, DOT_PREC=_dot_precision(q.dtype), BLOCK_D=next_pow2(D, MIN_DOT_DIM),
+        **_blocks(Lq, Lk),
     )
     return o, lse
 
@@ -278,7 +279,8 @@ def flash_backward(
         v.stride(0), v.stride(1), v.stride(2), key_mask.stride(0) if key_mask is not None else 0,
         H, Lq, Lk, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D), _len_key(min(Lq, Lk)),
     )
-    consts = {"HAS_MASK": key_mask is not None, "DOT_PREC": _dot_precision(q.dtype), "BLOCK_D": block_d}
+    consts = {"HAS_MASK": key_mask is not None, "DOT_PREC": _dot_precision(q.dtype), "BLOCK_D": block_d,
+              **_blocks(Lq, Lk)}
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)
     _attn_bwd_dkdv_kernel[grid_kv](q, k, v, mask, do, lse, delta, dk, dv, *args, **consts)
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)

@@ -19,6 +19,7 @@ CASES = {
     "self_D24_padded": (1, 9, 9, 2, 24, "same", "none"),
     "cross_33x7": (2, 33, 7, 2, 32, "none", "none"),
     "cross_7x33_masked": (2, 7, 33, 2, 16, "none", "random"),
+    "cross_5x70_masked_big_tile": (1, 5, 70, 2, 16, "none", "random"),
     "adapter_7x33": (2, 7, 33, 2, 32, "separate", "one_empty_row"),
     "adapter_33x7": (2, 33, 7, 2, 16, "separate", "tail_valid"),
     "adapter_all_masked": (2, 7, 5, 2, 16, "separate", "all_masked"),
