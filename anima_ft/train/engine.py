@@ -55,13 +55,25 @@ def set_lrs(engine, lrs: dict[str, float]) -> None:
         group["lr"] = lrs[group["group"]]
 
 
+def _flat_params(engine) -> list[tuple[dict, torch.Tensor]]:
+    """(param group, fp32 flat partition) pairs that the base optimizer keeps state for, on this rank.
+
+    ZeRO-1/2 leave the flat partitions in ``param_groups``; ZeRO-3 keeps them apart (``fp32_partitioned_groups_flat``,
+    one per sub-group) and empties ``param_groups[i]["params"]`` between steps.
+    """
+    zero, opt = engine.optimizer, base_optimizer(engine)
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    if flats is not None:
+        return [(opt.param_groups[zero.sub_group_to_group_id[i]], flat) for i, flat in enumerate(flats)]
+    return [(group, p) for group in opt.param_groups for p in group["params"]]
+
+
 def _group_steps(engine) -> dict[str, torch.Tensor | float]:
     """AdamW step count per param-group name (0 where no step was taken yet)."""
     opt = base_optimizer(engine)
     out: dict[str, torch.Tensor | float] = {}
-    for group in opt.param_groups:
-        state = opt.state.get(group["params"][0], {})
-        step = state.get("step", 0.0)
+    for group, flat in _flat_params(engine):
+        step = opt.state.get(flat, {}).get("step", 0.0)
         out[group["name"]] = step.clone() if torch.is_tensor(step) else step
     return out
 
@@ -69,30 +81,30 @@ def _group_steps(engine) -> dict[str, torch.Tensor | float]:
 def materialize_state(engine, steps: dict[str, torch.Tensor | float] | None = None) -> None:
     """Create AdamW state now (torch creates it lazily at the first step) so it can be overwritten.
 
-    Runs one base-optimizer step with zero gradients at lr 0, which leaves the fp32 master weights bit-identical
-    (AdamW: p *= 1 - 0 * wd; p -= 0 * m / (sqrt(v) + eps)), then sets each group's step count from ``steps``
-    (missing = 0, a fresh Adam).
+    The state is what ``torch.optim.AdamW`` would create (zero moments, step 0), except that each group's step
+    count comes from ``steps`` (missing = 0, a fresh Adam); the weights are not touched.
     """
     opt = base_optimizer(engine)
-    saved_lr = []
-    for group in opt.param_groups:
-        saved_lr.append(group["lr"])
-        group["lr"] = 0.0
-        for p in group["params"]:
-            p.grad = torch.zeros_like(p)
-    opt.step()
-    for group, lr in zip(opt.param_groups, saved_lr):
-        group["lr"] = lr
+    for group, flat in _flat_params(engine):
         value = (steps or {}).get(group["name"], 0.0)
-        for p in group["params"]:
-            p.grad = None
-            st = opt.state[p]
-            st["step"] = value.clone() if torch.is_tensor(value) else torch.tensor(float(value))
-            for key in _ADAM_KEYS:
-                st[key].zero_()
-    link = getattr(engine.optimizer, "_link_all_hp_params", None)
-    if link is not None:  # ZeRO-1/2 bind their fragment views to optimizer state at link time
-        link()
+        opt.state[flat] = {
+            "step": value.clone() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float32),
+            "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
+        }
+    relink_optimizer_state(engine)
+
+
+def relink_optimizer_state(engine) -> None:
+    """Point ZeRO-1/2's per-parameter views at the current optimizer state (no-op for ZeRO-3).
+
+    Workaround: ZeRO-1/2 bind those views once, right after the first param group's first step, when the other
+    groups have no AdamW state yet; ``safe_get_full_optimizer_state`` then fails for every group but the first.
+    """
+    zero = engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
 
 
 def transition(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage, ds_config: dict):
@@ -105,6 +117,7 @@ def transition(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage, ds
     carried: dict[str, dict[str, torch.Tensor]] = {}
     shapes: dict[str, torch.Size] = {}
     names = [n for n, p in model.named_parameters() if p.requires_grad and group_of(n) in keep]
+    relink_optimizer_state(engine)
     params = dict(model.named_parameters())
     for i, name in enumerate(names):  # every rank runs every gather (they are collectives)
         p = params[name]

@@ -34,6 +34,7 @@ from .stages import build_stages, source_weights, stage_at, total_steps
 logger = logging.getLogger(__name__)
 Callback = Callable[[int, object, dict], None]
 PREEMPTED = "preempted"
+COUNTERS = ("step", "samples_seen", "tokens_seen", "nonfinite_total", "nonfinite_in_row")
 FAULT_ENV = "ANIMA_FT_FAULT"  # test-only fault injection: "kill:STEP:RANK" or "nan:STEP"
 
 
@@ -79,8 +80,8 @@ class Trainer:
         self.base_weights = {s.name: s.weight for s in cfg.data.sources}
 
         ckpt = find_checkpoint(self.ckpt_root, cfg.checkpoint.resume)
-        self.state = read_trainer_state(ckpt) if ckpt else {"step": 0, "samples_seen": 0, "tokens_seen": 0,
-                                                              "nonfinite_total": 0, "nonfinite_in_row": 0}
+        loaded = read_trainer_state(ckpt) if ckpt else {}
+        self.state = {k: int(loaded.get(k, 0)) for k in COUNTERS}
         # the engine of the stage that took the last update; a boundary transition then happens in the loop
         self.stage = stage_at(self.stages, max(self.state["step"] - 1, 0))
         self.engine = build_engine(self.model, cfg, self.stage, self.ds_config)
@@ -109,7 +110,8 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current state (collective)."""
         rank_state = {"rng": rng_state(), "data": self.stream.state_dict()}
-        trainer_state = {**self.state, "stage": self.stage.index, "world_size": self.env.world_size}
+        trainer_state = {**self.state, "stage": self.stage.index, "world_size": self.env.world_size,
+                         "model_config": self.model_cfg.to_dict(), "train_config": to_yaml(self.cfg)}
         path = save_checkpoint(self.engine, self.ckpt_root, self.state["step"], trainer_state, rank_state,
                                self.cfg.checkpoint.keep_last)
         self._last_save = time.monotonic()
