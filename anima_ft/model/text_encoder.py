@@ -200,7 +200,10 @@ class TextEncoder:
         return out
 
     def encode_unpadded(self, captions: list[str]) -> list[EncodedCaption]:
-        """Encode captions one by one, unpadded, on the CPU (for shards); counts and warns about truncation."""
+        """Encode captions in one batched Qwen pass; each result is unpadded and on the CPU (what shards store).
+
+        Truncated captions are counted in ``truncation_count`` and each one is warned about with its first chars.
+        """
         if not captions:
             return []
         tokens = tokenize_captions(self.qwen_tokenizer, self.t5_tokenizer, captions, self.max_length)
