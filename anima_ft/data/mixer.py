@@ -94,12 +94,12 @@ class _RankStream(IterableDataset):
                 try:
                     sample = reader.read(candidate)
                 except SampleError as err:
-                    entry = self.catalog.entries[candidate]
+                    entry = self.catalog.entry(candidate)
                     skips[err.reason] += 1
                     log.warning("skipping sample %s in shard %s: %s", entry["key"],
                                 self.catalog.shard_paths[entry["shard"]], err)
                     continue
-                sample["key"] = self.catalog.entries[candidate]["key"]
+                sample["key"] = self.catalog.keys[candidate]
                 if k > 0:
                     skips["replaced"] += 1
                 samples.append(sample)

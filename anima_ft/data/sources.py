@@ -19,6 +19,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from anima_ft.data.shard_format import MEMBERS, SampleError, fingerprint_hash, read_index, read_sample
 
 log = logging.getLogger(__name__)
@@ -58,21 +60,44 @@ def discover_shards(spec: SourceSpec) -> list[Path]:
     return sorted(paths)
 
 
+COLUMNS = ("shard", "source", "span_start", "span_end", "width", "height", "qwen_len", "t5_len",
+           *(f"{m}_{part}" for m in MEMBERS for part in ("offset", "size")))
+
+
 @dataclass
 class Catalog:
     """All valid samples of all sources, with per-(source, bucket) sample-id lists.
 
-    entries[i]: the shard index entry of sample i plus ``"shard"`` (index into shard_paths) and ``"source"``.
+    Sample i is row i of ``table`` (int64 columns ``COLUMNS``: about 110 bytes a sample, so millions of samples
+    fit in every rank and worker) plus ``keys[i]``; :meth:`entry` rebuilds its shard-index entry on demand.
     by_bucket[s][bucket]: sorted sample ids of source s in that bucket.
     """
 
     names: list[str]
-    shard_paths: list[str]
-    entries: list[dict]
-    by_bucket: list[dict[Bucket, list[int]]]
-    qwen_dim: int
-    fingerprint: dict
+    shard_paths: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    by_bucket: list[dict[Bucket, list[int]]] = field(default_factory=list)
+    qwen_dim: int = 0
+    fingerprint: dict = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
+    table: np.ndarray = field(default_factory=lambda: np.zeros((0, len(COLUMNS)), dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def entry(self, i: int) -> dict:
+        """Sample i as a shard-index entry (``key``, ``bucket``, ``span``, ``members``...) plus shard and source."""
+        row = dict(zip(COLUMNS, self.table[i].tolist()))
+        members = {m: [row[f"{m}_offset"], row[f"{m}_size"]] for m in MEMBERS}
+        return {"key": self.keys[i], "shard": row["shard"], "source": row["source"], "members": members,
+                "span": [row["span_start"], row["span_end"]], "bucket": [row["width"], row["height"]],
+                "qwen_len": row["qwen_len"], "t5_len": row["t5_len"]}
+
+
+def _row(entry: dict) -> list[int]:
+    members = [v for m in MEMBERS for v in entry["members"][m]]
+    return [entry["shard"], entry["source"], *entry["span"], *entry["bucket"], entry["qwen_len"], entry["t5_len"],
+            *members]
 
 
 def _check_fingerprint(path: Path, index: dict, ref: tuple[Path, dict] | None, expected) -> None:
@@ -96,7 +121,8 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
     names = [s.name for s in specs]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"source names {names} must be non-empty and unique")
-    cat = Catalog(names, [], [], [{} for _ in specs], qwen_dim=0, fingerprint={})
+    cat = Catalog(names, by_bucket=[{} for _ in specs])
+    rows: list[list[int]] = []
     ref: tuple[Path, dict] | None = None
     reader = ShardReader(cat)
     for s, spec in enumerate(specs):
@@ -123,13 +149,14 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
                     cat.skipped[reason[0]] += 1
                     log.warning("skipping sample %s in shard %s: %s", entry["key"], path, reason[1])
                     continue
-                bucket = tuple(entry["bucket"])
-                cat.by_bucket[s].setdefault(bucket, []).append(len(cat.entries))
-                cat.entries.append(entry)
+                cat.by_bucket[s].setdefault(tuple(entry["bucket"]), []).append(len(cat.keys))
+                cat.keys.append(entry["key"])
+                rows.append(_row(entry))
         if not cat.by_bucket[s]:
             raise ValueError(f"source {spec.name!r} has no valid sample in {spec.shards!r} (skipped so far: "
                              f"{dict(cat.skipped)}); check the shards or re-run prepare")
     reader.close()
+    cat.table = np.asarray(rows, dtype=np.int64).reshape(len(rows), len(COLUMNS))
     return cat
 
 
@@ -169,7 +196,7 @@ class ShardReader:
 
     def read(self, sample_id: int) -> dict:
         """Decode catalog sample ``sample_id``; raises ``SampleError``."""
-        return self.read_entry(self.catalog.entries[sample_id])
+        return self.read_entry(self.catalog.entry(sample_id))
 
     def close(self) -> None:
         """Close every open shard file."""

@@ -63,7 +63,7 @@ def test_plan_mix_buckets_and_epochs(two_sources, world, accum, micro):
         for p in plans:
             assert len(p.samples) == micro
             for source, sample_id, _epoch, _pos in p.samples:
-                entry = cat.entries[sample_id]
+                entry = cat.entry(sample_id)
                 assert tuple(entry["bucket"]) == p.bucket and entry["source"] == source
                 draws.setdefault((source, p.bucket), []).append(sample_id)
     for (source, bucket), seq in draws.items():

@@ -93,7 +93,7 @@ def test_prepare_folder_counts_contents_and_resume(image_folder, tmp_path):
     assert json.loads((tmp_path / "out" / "prepare_summary.json").read_text())["counts"] == summary["counts"]
     cat = build_catalog([SourceSpec("t", str(tmp_path / "out"))], validate="full")
     reader, buckets = ShardReader(cat), make_buckets(AREA, 16, 16)
-    for sample_id, entry in enumerate(cat.entries):
+    for sample_id, entry in ((i, cat.entry(i)) for i in range(len(cat))):
         sample = reader.read(sample_id)
         name = Path(sample["meta"]["origin"]).stem
         original = image_of(name)
@@ -178,13 +178,13 @@ def check_real_shards(out: Path, vae, text) -> None:
     cat = build_catalog([SourceSpec("t", str(out))], validate="full")
     reader = ShardReader(cat)
     names = set()
-    for sample_id in range(len(cat.entries)):
+    for sample_id in range(len(cat)):
         sample = reader.read(sample_id)
         name = Path(sample["meta"]["origin"]).stem
         names.add(name)
         if name not in ("camera", "cat", "coffee"):
             continue
-        cropped, _ = resize_and_crop(image_of("chelsea" if name == "cat" else name), tuple(cat.entries[sample_id]["bucket"]))
+        cropped, _ = resize_and_crop(image_of("chelsea" if name == "cat" else name), tuple(cat.entry(sample_id)["bucket"]))
         pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
         torch.testing.assert_close(sample["latent"].float(), vae.encode(pixels)[0].float(), atol=2e-2, rtol=2e-2)
         ref = text.encode_unpadded([sample["meta"]["caption"]])[0]
