@@ -74,10 +74,10 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
     print(json.dumps({"machine": machine}))
     for workers in args.workers:
-        rates = {}
-        for label, sources in (("single", single), ("mixed", mixed)):
-            rates[label] = max(measure(sources, args.batches, args.micro_batch_size, workers)
-                               for _ in range(args.repeats))
+        rates = {"single": 0.0, "mixed": 0.0}
+        for _ in range(args.repeats):  # interleaved, best of N: the machine may be shared
+            for label, sources in (("single", single), ("mixed", mixed)):
+                rates[label] = max(rates[label], measure(sources, args.batches, args.micro_batch_size, workers))
         cores = max(1, workers)
         print(json.dumps({"workers": workers, "samples_per_s": {k: round(v, 1) for k, v in rates.items()},
                           "samples_per_s_per_core": {k: round(v / cores, 1) for k, v in rates.items()},
