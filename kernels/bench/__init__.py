@@ -1,0 +1,1 @@
+"""Benchmarks for kernels/ (not tests): gpu_check.py and its cases."""
