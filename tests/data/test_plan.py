@@ -93,3 +93,22 @@ def test_bad_weights_are_named(two_sources):
         MixPlanner(cat, {"target": 1.0, "extra": 1.0}, 1, 1, 1, 0)
     with pytest.raises(ValueError, match="sum > 0"):
         MixPlanner(cat, {"target": 0.0}, 1, 1, 1, 0)
+
+
+def test_mix_holds_within_every_bucket(tmp_path):
+    """Sources with the same buckets: over time each bucket's replay share converges to the global share."""
+    from shard_factory import write_source
+
+    buckets = [(64, 64), (96, 48), (48, 96)]
+    write_source(tmp_path / "t", "target", buckets, num_shards=2, per_shard=12)
+    write_source(tmp_path / "r", "replay", buckets[::-1], num_shards=1, per_shard=9)
+    cat = build_catalog([SourceSpec("target", str(tmp_path / "t")), SourceSpec("replay", str(tmp_path / "r"))])
+    planner = MixPlanner(cat, {"target": 0.7, "replay": 0.3}, micro_batch_size=3, grad_accum_steps=1, world_size=2,
+                         seed=9)
+    per_bucket = {b: Counter() for b in buckets}
+    for _ in range(1500):
+        for plan in planner.next_global_batch():
+            per_bucket[plan.bucket].update(s for s, *_ in plan.samples)
+    for bucket, counts in per_bucket.items():
+        share = counts[1] / (counts[0] + counts[1])
+        assert abs(share - 0.3) < 0.02, f"bucket {bucket}: replay share {share:.3f}"
