@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from anima_ft.lab import text_stack
 from anima_ft.lab.codec import PCAPatchCodec
 from anima_ft.lab.digits import caption_vocabulary, load_digit_splits, pixels_from_images, write_image_folder
-from anima_ft.lab.text_stack import LabTextEncoder
 
 logger = logging.getLogger(__name__)
 SPLITS = ("target_train", "replay_train", "target_probe", "replay_probe")
@@ -33,9 +33,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DIT_KINDS = ("self_attn", "cross_attn", "mlp", "adaln", "embedders", "final_layer")
 
 
-def build_text_encoder(seed: int) -> LabTextEncoder:
-    """The lab's tiny text stack (deterministic for ``seed``)."""
-    return LabTextEncoder.build(caption_vocabulary(), hidden_size=TEXT_WIDTH, seed=seed)
+def build_text_encoder(seed: int):
+    """The lab's tiny text stack as a ``TextEncoder`` (deterministic for ``seed``)."""
+    return text_stack.build_text_encoder(caption_vocabulary(), hidden_size=TEXT_WIDTH, seed=seed)
 
 
 def prepare_data(data_dir: Path, data_settings: dict) -> dict:
@@ -87,15 +87,15 @@ def _free_port() -> int:
 
 def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: int, probe_sets: dict[str, Path],
                     probe_args: list[str], export_path: Path, reuse: bool = False) -> float:
-    """``deepspeed --num_gpus nproc anima_ft/lab/train_entry.py ...`` into a fresh ``run_dir``; returns seconds.
+    """``deepspeed --num_gpus nproc anima_ft/lab/train_entry.py ...`` into a fresh ``run_dir``, then ``anima-ft
+    export`` of its last checkpoint to ``export_path``; returns seconds.
 
     ``reuse=True`` skips the run (returns 0.0) when ``run_dir/done.json`` records the same command and recipe text.
 
     The launcher's output goes to ``run_dir/train.log``; a failed run raises RuntimeError with the log's tail.
     """
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    args = [str(REPO_ROOT / "anima_ft" / "lab" / "train_entry.py"), "--config", str(config), "--export",
-            str(export_path)]
+    args = [str(REPO_ROOT / "anima_ft" / "lab" / "train_entry.py"), "--config", str(config)]
     for name, path in probe_sets.items():
         args += ["--probe-set", f"{name}={path}"]
     if probe_sets:
@@ -119,9 +119,13 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT).returncode
-    if rc != 0 or not export_path.exists():
+    if rc != 0:
         tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"training run {run_dir} failed (exit {rc}); last lines of train.log:\n{tail}")
+    from anima_ft.train import export
+
+    if export.main([str(run_dir), str(export_path)]) != 0:  # `anima-ft export RUN OUT`: the last checkpoint
+        raise RuntimeError(f"anima-ft export {run_dir} {export_path} failed")
     done.write_text(record)
     return time.perf_counter() - t0
 

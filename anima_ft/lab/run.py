@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
+
+import torch
 
 from anima_ft.lab import pipeline
 from anima_ft.lab.report import VariantResult, mean, write_report
@@ -82,6 +85,8 @@ def variant_from_probe(name: str, description: str, probe_path: Path) -> Variant
 def main(argv: list[str]) -> int:
     """Run the whole lab and write ``<out>/report.md``; returns 0 on success."""
     args = parse_args(argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the in-process export imports deepspeed
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     preset = dict(QUICK if args.quick else FULL)
     preset["pretrain_steps"] = args.pretrain_steps or preset["pretrain_steps"]
@@ -135,6 +140,8 @@ def main(argv: list[str]) -> int:
         results[-1].train_seconds = seconds
         configs[name] = f"ft_{name}/config.yaml"
 
+    if not results:
+        raise RuntimeError(f"every fine-tune failed: {failed}")
     t0 = time.perf_counter()
     drift = pipeline.run_drift(base, finals, out / "drift")
     for v in results:
@@ -161,8 +168,6 @@ def main(argv: list[str]) -> int:
         f"- Mode: {'--quick (shortened; numbers are noisy)' if args.quick else 'full'}. Every number below is read "
         "from the run's files (`ft_*/probe.jsonl`, `drift/drift_kinds.csv`); `lab_summary.json` holds them all.",
     ]
-    if not results:
-        raise RuntimeError(f"every fine-tune failed: {failed}")
     first_probe = json.loads((out / f"ft_{results[0].name}" / "probe.jsonl").read_text().splitlines()[0])
     meta = {"seed": args.seed, "sigmas": first_probe["sigmas"], "num_noises": first_probe["num_noises"], "held_out": HELD_OUT, "target": TARGET, "baseline": "no_replay",
             "drift_groups": ["llm_adapter", "dit", *pipeline.DIT_KINDS], "setup": setup, "timings": timings,

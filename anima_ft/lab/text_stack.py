@@ -7,32 +7,19 @@ newcomer's machine has neither, so the lab builds stand-ins with the same interf
   punctuation), wrapped as ``transformers.PreTrainedTokenizerFast``; no BOS/EOS, like Qwen2's tokenizer. Pad id 0.
 * T5 side: the same words at ids 3.. (``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, all < 32128), with a post-processor
   appending ``</s>`` as T5TokenizerFast does; the empty caption gives ``[1]``.
-* A ``transformers.Qwen3Model`` of width ``hidden_size`` (= the tiny adapter's ``source_dim``), randomly initialized
-  from the seed and frozen: its last hidden state is the Qwen conditioning, as for the real model.
+* ``anima_ft.model.text_encoder.tiny_qwen3`` of width ``hidden_size`` (= the tiny adapter's ``source_dim``), randomly
+  initialized from the seed and frozen: its last hidden state is the Qwen conditioning, as for the real model.
 
-:class:`LabTextEncoder` satisfies the prepare text-encoder protocol (``encode_unpadded``, ``fingerprint``).
+:func:`build_text_encoder` wraps them in the project's ``TextEncoder`` (which prepare takes as its text encoder).
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-
-import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+from transformers import PreTrainedTokenizerFast
 
 T5_VOCAB_SIZE = 32128
-
-
-@dataclass
-class EncodedCaption:
-    """One caption, unpadded: ``qwen_states [S, C]`` (S may be 0), ``t5_ids [L]`` ending in ``</s>``."""
-
-    qwen_states: torch.Tensor
-    t5_ids: torch.Tensor
-    truncated: bool = False
 
 
 def _word_tokenizer(vocab: dict[str, int], unk: str, eos: str | None) -> Tokenizer:
@@ -61,61 +48,12 @@ def build_tokenizers(words: list[str]) -> tuple[PreTrainedTokenizerFast, PreTrai
     return qwen_tok, t5_tok
 
 
-def tiny_qwen3_model(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Qwen3Model:
-    """A frozen, randomly initialized ``Qwen3Model`` (2 heads of 16, 1 KV head) in float32 eval mode."""
-    if hidden_size % 16:
-        raise ValueError(f"hidden_size={hidden_size} must be a multiple of the head dim 16")
-    config = Qwen3Config(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 16, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=128, tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3Model(config).float().eval()
-    model.requires_grad_(False)
-    return model
+def build_text_encoder(words: list[str], hidden_size: int = 32, seed: int = 0):
+    """The lab's :class:`anima_ft.model.text_encoder.TextEncoder`: the word-level tokenizers over ``words`` and a
+    seeded ``tiny_qwen3`` of width ``hidden_size`` (2 layers, 4 heads of 8) whose vocabulary is the Qwen tokenizer's.
+    """
+    from anima_ft.model.text_encoder import TextEncoder, tiny_qwen3
 
-
-class LabTextEncoder:
-    """Captions -> (Qwen3 last hidden states, T5 ids), one caption per forward so nothing is padded."""
-
-    def __init__(self, qwen_model: Qwen3Model, qwen_tokenizer, t5_tokenizer, max_tokens: int = 64):
-        self.qwen_model = qwen_model
-        self.qwen_tokenizer = qwen_tokenizer
-        self.t5_tokenizer = t5_tokenizer
-        self.max_tokens = max_tokens
-
-    @classmethod
-    def build(cls, words: list[str], hidden_size: int = 32, seed: int = 0) -> LabTextEncoder:
-        """The lab's text stack over a caption vocabulary, deterministic for ``seed``."""
-        qwen_tok, t5_tok = build_tokenizers(words)
-        return cls(tiny_qwen3_model(len(qwen_tok), hidden_size, seed=seed), qwen_tok, t5_tok)
-
-    @torch.no_grad()
-    def encode_unpadded(self, captions: list[str]) -> list[EncodedCaption]:
-        """Encode each caption: ``qwen_states [S, hidden]`` float32 (S = 0 for ""), ``t5_ids [L]`` long."""
-        out = []
-        for caption in captions:
-            q_ids = self.qwen_tokenizer(caption, add_special_tokens=False)["input_ids"]
-            t_ids = self.t5_tokenizer(caption)["input_ids"]
-            truncated = len(q_ids) > self.max_tokens or len(t_ids) > self.max_tokens
-            if truncated:
-                q_ids, t_ids = q_ids[: self.max_tokens], t_ids[: self.max_tokens - 1] + [1]
-            width = self.qwen_model.config.hidden_size
-            if q_ids:
-                ids = torch.tensor([q_ids])
-                states = self.qwen_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
-            else:
-                states = torch.zeros(0, width)
-            out.append(EncodedCaption(states.float(), torch.tensor(t_ids, dtype=torch.long), truncated))
-        return out
-
-    def fingerprint(self) -> dict:
-        """Tokenizer vocabularies and a hash of the Qwen3 weights."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.qwen_model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.float().contiguous().numpy().tobytes())
-        vocab = hashlib.sha256(repr(sorted(self.t5_tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
-        return {"kind": "lab_tiny_text", "hidden": self.qwen_model.config.hidden_size, "vocab_sha256": vocab,
-                "weights_sha256": h.hexdigest()[:16]}
+    qwen_tok, t5_tok = build_tokenizers(words)
+    qwen = tiny_qwen3(hidden_size=hidden_size, vocab_size=len(qwen_tok), seed=seed).float()
+    return TextEncoder(qwen, qwen_tok, t5_tok)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The lab's training process: ``deepspeed anima_ft/lab/train_entry.py --config X.yaml [--probe-set NAME=DIR ...]
-[--probe-out probe.jsonl] [--export OUT.safetensors] key=value ...``.
+[--probe-out probe.jsonl] key=value ...``.
 
 It is ``launch/train.py`` (load + validate the config, init the process group, the shared ``Trainer``) plus the
 forgetting probe as a trainer callback: at step 0 (before the first update) and every ``eval.probe_every_steps``
@@ -10,7 +10,7 @@ rank 0 appends one JSON line per probe to ``--probe-out``::
     {"step": s, "sigmas": [...], "num_noises": K, "keys": {set: [key, ...]},
      "per_image": {set: [[loss at sigma_j] per image]}, "metrics": {"probe/<set>/sigma_<s>": ..., ...}}
 
-``--export`` writes the final weights (rank 0, after training) as one official-layout safetensors file.
+The final weights are exported afterwards from the run's last checkpoint with ``anima-ft export``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class ProbeLogger:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, load and validate the config, train with the probe callback, optionally export."""
+    """Parse, load and validate the config, train with the probe callback."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, required=True, help="YAML recipe (configs/lab/*.yaml)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-out", type=Path, default=None, help="JSON-lines file for the probe results")
     ap.add_argument("--probe-sigmas", default="0.2,0.4,0.6,0.8", help="comma-separated absolute sigmas")
     ap.add_argument("--probe-noises", type=int, default=8, help="fixed noises per (image, sigma)")
-    ap.add_argument("--export", type=Path, default=None, help="write the final weights here (official layout)")
     ap.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. num_steps=100")
     args = ap.parse_args(argv)
 
@@ -107,13 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     if callbacks and trainer.state["step"] == 0:
         callbacks[0](0, trainer.engine, {})
     trainer.train()
-    if args.export is not None and env.rank == 0:
-        from anima_ft.model import save_anima
-
-        args.export.parent.mkdir(parents=True, exist_ok=True)
-        save_anima(getattr(trainer.engine, "module", trainer.model), str(args.export),
-                   metadata={"lab_run_dir": str(cfg.run.dir), "lab_config": str(args.config)})
-    dist.barrier()
     dist.destroy_process_group()
     return 0
 

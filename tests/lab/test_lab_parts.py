@@ -1,0 +1,128 @@
+"""The lab's building blocks: PCA codec vs a float64 SVD/sklearn reference, digit splits and captions, the tiny text
+stack's token conventions, and the report's numbers and sentences vs the formulas in its docstring."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from anima_ft.lab.codec import PCAPatchCodec, _from_patches, _to_patches
+from anima_ft.lab.digits import DIGIT_WORDS, caption_for, caption_vocabulary, load_digit_splits, pixels_from_images
+from anima_ft.lab.report import VariantResult, interpretation, paired_diff, rise, write_report
+
+
+def _images(n: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 16, 24, generator=g, dtype=torch.float64) * 2 - 1
+
+
+def test_patches_round_trip_and_layout():
+    x = _images(3)
+    p = _to_patches(x, 8)  # [3 * 2 * 3, 192]
+    assert p.shape == (18, 192)
+    # patch (b=1, row 1, col 2), channel 2, pixel (3, 5)
+    assert p[1 * 6 + 1 * 3 + 2, 2 * 64 + 3 * 8 + 5] == x[1, 2, 8 + 3, 16 + 5]
+    assert torch.equal(_from_patches(p, 3, 2, 3, 8), x)
+
+
+def test_codec_matches_sklearn_pca_and_normalizes():
+    from sklearn.decomposition import PCA
+
+    x = _images(40)
+    codec = PCAPatchCodec.fit(x, channels=16)
+    patches = _to_patches(x, 8).numpy()
+    ref = PCA(n_components=16, svd_solver="full").fit(patches)
+    # same subspace direction by direction (up to sign), same variances
+    cos = np.abs(np.sum(codec.basis_C_D.numpy() * ref.components_, axis=1))
+    assert np.allclose(cos, 1.0, atol=1e-6)
+    assert np.allclose(codec.scale_C.numpy() ** 2, ref.explained_variance_, rtol=1e-6)
+    z = codec.encode(x.float())
+    assert z.shape == (40, 16, 2, 3)
+    # normalized latents: zero mean and unit variance per channel on the fit data (n-1 convention)
+    flat = z.double().permute(0, 2, 3, 1).reshape(-1, 16)
+    assert torch.allclose(flat.mean(0), torch.zeros(16, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(flat.var(0), torch.ones(16, dtype=torch.float64), atol=1e-4)
+    # decode = the rank-16 PCA reconstruction
+    want = ref.inverse_transform(ref.transform(patches))
+    got = _to_patches(codec.decode(z).double(), 8).numpy()
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_codec_save_load_and_fingerprint(tmp_path):
+    a = PCAPatchCodec.fit(_images(20, seed=1))
+    a.save(tmp_path / "c.safetensors")
+    b = PCAPatchCodec.load(tmp_path / "c.safetensors")
+    assert a.fingerprint() == b.fingerprint()
+    assert PCAPatchCodec.fit(_images(20, seed=2)).fingerprint() != a.fingerprint()
+    with pytest.raises(ValueError, match="multiples of 8"):
+        a.encode(torch.zeros(1, 3, 12, 16))
+
+
+def test_digit_splits_are_disjoint_deterministic_and_captioned():
+    a = load_digit_splits((0, 1, 2), probe_per_class=3, size=16, seed=0, max_train_per_class=5)
+    b = load_digit_splits((0, 1, 2), probe_per_class=3, size=16, seed=0, max_train_per_class=5)
+    assert {k: len(v) for k, v in a.items()} == {"target_train": 15, "replay_train": 35, "target_probe": 9,
+                                                  "replay_probe": 21}
+    keys = [s.key for v in a.values() for s in v]
+    assert len(keys) == len(set(keys))
+    assert keys == [s.key for v in b.values() for s in v]
+    for name, samples in a.items():
+        for s in samples:
+            assert (s.label in (0, 1, 2)) == name.startswith("target")
+            assert DIGIT_WORDS[s.label] in s.caption or str(s.label) in s.caption
+            assert s.key.startswith(f"digit{s.label}_") and s.image.size == (16, 16)
+    px = pixels_from_images([s.image for s in a["target_probe"]])
+    assert px.shape == (9, 3, 16, 16) and px.min() >= -1 and px.max() <= 1
+    assert caption_for(7, 0) == "a handwritten digit seven"
+
+
+def test_text_stack_token_conventions():
+    from anima_ft.lab.text_stack import build_text_encoder, build_tokenizers
+
+    qwen_tok, t5_tok = build_tokenizers(caption_vocabulary())
+    t5 = t5_tok("A handwritten digit seven")["input_ids"]
+    assert t5[-1] == 1 and all(0 < i < 32128 for i in t5) and len(t5) == 5
+    assert t5_tok("")["input_ids"] == [1]
+    assert qwen_tok("a handwritten digit seven", add_special_tokens=False)["input_ids"] == [
+        qwen_tok.convert_tokens_to_ids(w) for w in ["a", "handwritten", "digit", "seven"]]
+    enc = build_text_encoder(caption_vocabulary(), hidden_size=32, seed=0)
+    out = enc.encode_unpadded(["a handwritten digit seven", ""])
+    assert out[0].qwen_states.shape == (4, 32) and out[1].qwen_states.shape == (0, 32)
+    assert out[1].t5_ids.tolist() == [1]
+    again = build_text_encoder(caption_vocabulary(), hidden_size=32, seed=0).encode_unpadded(["a handwritten 3"])
+    assert torch.equal(again[0].qwen_states, enc.encode_unpadded(["a handwritten 3"])[0].qwen_states)
+
+
+def _variant(name: str, held: list[float], tgt: list[float], end_images: list[float], drift: dict) -> VariantResult:
+    # two sigmas; the second sigma's loss is twice the first
+    curve = {"replay_classes": [[v, 2 * v] for v in held], "target_classes": [[v, 2 * v] for v in tgt]}
+    return VariantResult(name, f"{name} description", [0, 10, 20], curve, {"replay_classes": end_images}, drift)
+
+
+def test_report_numbers_follow_the_formulas(tmp_path):
+    base = _variant("no_replay", [1.0, 1.2, 1.5], [1.0, 0.8, 0.6], [1.4, 1.5, 1.6, 1.5],
+                    {"llm_adapter": 0.02, "dit": 0.05})
+    rep = _variant("replay25", [1.0, 1.1, 1.2], [1.0, 0.85, 0.7], [1.1, 1.3, 1.2, 1.2],
+                   {"llm_adapter": 0.03, "dit": 0.01})
+    assert math.isclose(rise(base, "replay_classes"), 0.5) and math.isclose(rise(rep, "replay_classes"), 0.2)
+    d, se = paired_diff(rep.end_per_image["replay_classes"], base.end_per_image["replay_classes"])
+    diffs = np.array([-0.3, -0.2, -0.4, -0.3])
+    assert math.isclose(d, diffs.mean()) and math.isclose(se, diffs.std(ddof=1) / 2)
+    text = "\n".join(interpretation([base, rep], "replay_classes", "target_classes", "no_replay"))
+    assert "reduced the rise of held-out loss by 60%" in text  # 1 - 0.2 / 0.5
+    assert "more than two standard errors" in text
+    assert "adapter moved less than the DiT" in text and "adapter moved more than the DiT" in text
+    worse = _variant("replay25", [1.0, 1.4, 1.8], [1.0, 1.0, 1.0], [1.4, 1.5, 1.6, 1.5], {})
+    assert "did not reduce" in "\n".join(interpretation([base, worse], "replay_classes", "target_classes",
+                                                        "no_replay"))
+    meta = {"seed": 3, "sigmas": [0.2, 0.6], "num_noises": 8, "held_out": "replay_classes",
+            "target": "target_classes", "baseline": "no_replay", "drift_groups": ["llm_adapter", "dit"]}
+    report = write_report(tmp_path, [base, rep], meta).read_text()
+    assert "Seed **3**" in report and (tmp_path / "forgetting.png").stat().st_size > 0
+    # the mean row of no_replay's held-out table: start 1.5 (mean of 1, 2), end 2.25, +50%
+    assert re.search(r"\| replay_classes \| \*\*mean\*\* \| 1\.5000 \| 2\.2500 \| \+0\.7500 \| \+50\.0% \|", report)
+    assert "| replay25 | 0.0300 | 0.0100 |" in report
