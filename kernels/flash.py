@@ -40,6 +40,8 @@ _BWD_CONFIGS = [
     for bm, bn, w, s in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
 ]
 _TUNE_KEY = ["D", "LEN_KEY", "HAS_MASK"]
+# Keys need masking (a where() per score) only with a key mask or a ragged last key tile.
+_MASK_KEYS = triton.heuristics({"MASK_KEYS": lambda a: bool(a["HAS_MASK"]) or a["Lk"] % a["BLOCK_N"] != 0})
 
 
 @triton.jit
@@ -60,13 +62,14 @@ def _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK: tl.constexpr):
 
 
 @maybe_autotune(_FWD_CONFIGS, _TUNE_KEY)
+@_MASK_KEYS
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, KMASK, OUT, LSE,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     stride_ob, stride_ol, stride_oh, stride_mb,
     H, Lq, Lk, D, qk_scale, LEN_KEY,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -85,12 +88,16 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
         k = _load_tile(k_base, offs_n, offs_n < Lk, offs_d, d_ok, stride_kl)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
+        if MASK_KEYS:
+            valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
+            s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid (-inf) - (-inf) on all-masked tiles
+        if MASK_KEYS:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid (-inf) - (-inf) on all-masked tiles
+        else:
+            m_safe = m_new
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -124,12 +131,13 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
 
 
 @maybe_autotune(_BWD_CONFIGS, _TUNE_KEY)
+@_MASK_KEYS
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, KMASK, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     stride_mb, H, Lq, Lk, D, sm_scale, qk_scale, LEN_KEY,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -140,7 +148,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < Lk
     d_ok = offs_d < D
-    valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
+    if MASK_KEYS:
+        valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
     k = _load_tile(K + b.to(tl.int64) * stride_kb + h * stride_kh, offs_n, n_ok, offs_d, d_ok, stride_kl)
     v = _load_tile(V + b.to(tl.int64) * stride_vb + h * stride_vh, offs_n, n_ok, offs_d, d_ok, stride_vl)
     q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
@@ -156,7 +165,9 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-        p_t = tl.where(valid[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASK_KEYS:
+            p_t = tl.where(valid[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -168,12 +179,13 @@ def _attn_bwd_dkdv_kernel(
 
 
 @maybe_autotune(_BWD_CONFIGS, _TUNE_KEY)
+@_MASK_KEYS
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, KMASK, DO, LSE, DELTA, DQ,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     stride_mb, H, Lq, Lk, D, sm_scale, qk_scale, LEN_KEY,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -196,11 +208,13 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
-        valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
         k = _load_tile(k_base, offs_n, n_ok, offs_d, d_ok, stride_kl)
         v = _load_tile(v_base, offs_n, n_ok, offs_d, d_ok, stride_vl)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])
+        if MASK_KEYS:
+            valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
+            p = tl.where(valid[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)

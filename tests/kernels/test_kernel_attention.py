@@ -17,6 +17,7 @@ CASES = {
     "self_L7": (2, 7, 7, 2, 16, "same", "none"),
     "self_L33_D32": (1, 33, 33, 2, 32, "same", "none"),
     "self_D24_padded": (1, 9, 9, 2, 24, "same", "none"),
+    "self_L32_even_tiles": (1, 32, 32, 2, 16, "same", "none"),  # no key masking at all (MASK_KEYS False)
     "cross_33x7": (2, 33, 7, 2, 32, "none", "none"),
     "cross_7x33_masked": (2, 7, 33, 2, 16, "none", "random"),
     "cross_5x70_masked_big_tile": (1, 5, 70, 2, 16, "none", "random"),
