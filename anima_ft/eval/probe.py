@@ -94,15 +94,19 @@ def sample_losses(
     sigmas: Sequence[float],
     num_noises: int,
     seed: int = 0,
-    split_context: bool = True,
+    split_context: bool | None = None,
 ) -> torch.Tensor:
     """Probe loss of one sample at each sigma, averaged over its ``num_noises`` fixed noises: float64 ``[J]``.
 
     ``split_context=True`` runs the adapter once (``encode_context``) and ``denoise`` once per sigma with batch K;
-    ``False`` calls the full ``model(x_t, t, qwen, qmask, t5, t5mask)`` instead (for wrappers exposing only forward).
+    ``False`` calls the full ``model(x_t, t, qwen, qmask, t5, t5mask)`` instead. ``None`` (default) picks ``False``
+    under ZeRO-3: DeepSpeed gathers parameters that a module reads without calling (e.g. q/k-norm weights fed to a
+    fused attention op) only inside the root module's forward, so the engine's forward must be the entry point.
     """
     core = _core(model)
-    device, dtype, _ = _param_info(core)
+    device, dtype, is_zero3 = _param_info(core)
+    if split_context is None:
+        split_context = not is_zero3
     work = torch.promote_types(dtype, torch.float32)  # float64 models keep float64 math
     cond = collate_condition(sample, device, dtype)
     args = (cond["qwen_states"], cond["qwen_mask"], cond["t5_ids"], cond["t5_mask"])
@@ -132,7 +136,7 @@ def evaluate_sets(
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
     num_noises: int = DEFAULT_NUM_NOISES,
     seed: int = 0,
-    split_context: bool = True,
+    split_context: bool | None = None,
     equal_forwards: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample probe losses of every set, sharded over ranks and reduced exactly: ``{set: float64 [N, J]}``.
@@ -187,7 +191,7 @@ class ProbeRunner:
         num_noises: int = DEFAULT_NUM_NOISES,
         seed: int = 0,
         every_steps: int = 0,
-        split_context: bool = True,
+        split_context: bool | None = None,
     ) -> None:
         check_eval_sets(dict(eval_sets))
         self.eval_sets = dict(eval_sets)

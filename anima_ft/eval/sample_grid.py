@@ -90,13 +90,15 @@ class SampleGridRunner:
         """True every ``every_steps`` steps (``every_steps <= 0``: never)."""
         return self.every_steps > 0 and step % self.every_steps == 0
 
-    def _context(self, core, qwen: torch.Tensor, t5: torch.Tensor, device, dtype) -> torch.Tensor:
+    @staticmethod
+    def _inputs(qwen: torch.Tensor, t5: torch.Tensor, device, dtype) -> tuple[torch.Tensor, ...]:
+        """Batch-of-one ``(qwen_states, qwen_mask, t5_ids, t5_mask)``; an empty caption gets one masked zero row."""
         s = qwen.shape[0]
         q = torch.zeros(1, max(s, 1), qwen.shape[1], device=device, dtype=dtype)
         q[0, :s] = qwen.to(device=device, dtype=dtype)
         qmask = (torch.arange(max(s, 1), device=device) < s)[None]
         ids = t5.to(device=device, dtype=torch.long)[None]
-        return core.encode_context(q, qmask, ids, torch.ones_like(ids, dtype=torch.bool))
+        return q, qmask, ids, torch.ones_like(ids, dtype=torch.bool)
 
     @torch.no_grad()
     def sample_cell(self, model: torch.nn.Module, row: int, col: int) -> torch.Tensor:
@@ -107,11 +109,18 @@ class SampleGridRunner:
         p = next(core.parameters())
         device, dtype = p.device, p.dtype
         qwen, t5 = self.conditions[row]
-        cond = self._context(core, qwen, t5, device, dtype)
-        uncond = self._context(core, qwen.new_zeros(0, qwen.shape[1]), torch.tensor([1]), device, dtype)
         gen = torch.Generator().manual_seed(int(self.seeds[col]))
         noise = torch.randn(1, 16, 1, *self.latent_size, generator=gen).to(device=device, dtype=dtype)
         sigmas = sigma_schedule(self.num_steps, self.shift)
+        empty = (qwen.new_zeros(0, qwen.shape[1]), torch.tensor([1]))
+        if hasattr(p, "ds_tensor"):
+            # ZeRO-3 gathers some parameters only inside the root forward (see probe.sample_losses), so every
+            # velocity goes through model(x, t, qwen, qmask, t5, t5mask); the adapter then reruns each step.
+            cond = self._inputs(qwen, t5, device, dtype)
+            uncond = self._inputs(*empty, device, dtype)
+            return euler_sample(lambda x, t, c: model(x, t, *c), noise, sigmas, cond, uncond, self.guidance_scale)
+        cond = core.encode_context(*self._inputs(qwen, t5, device, dtype))
+        uncond = core.encode_context(*self._inputs(*empty, device, dtype))
         return euler_sample(core.denoise, noise, sigmas, cond, uncond, self.guidance_scale)
 
     @torch.no_grad()
