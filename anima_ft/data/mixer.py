@@ -121,6 +121,8 @@ class MixedStream:
     caption_dropout: probability that a sample gets the empty caption (drawn from the seed, identical on resume).
     expected_fingerprint: None, a fingerprint hash or a fingerprint dict that every shard must carry.
     validate: "index" (cheap checks at start) or "full" (decode every sample at start); see ``sources.py``.
+
+    Keep one live iterator per stream: every ``iter(stream)`` continues from the stream's current state.
     """
 
     def __init__(self, sources: list[SourceSpec], micro_batch_size: int, grad_accum_steps: int = 1, dp_rank: int = 0,
