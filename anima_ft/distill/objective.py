@@ -60,6 +60,7 @@ class DistillObjective:
                  num_stages: int = 1):
         validate_distill(cfg, num_stages)
         self.teacher, self.cfg, self.objective_cfg = teacher, cfg, objective_cfg
+        self._warned_dropout = False
         self.set_stage(0)
 
     def set_stage(self, index: int) -> None:
@@ -101,6 +102,15 @@ class DistillObjective:
         if isinstance(self.teacher, VelocityStore):
             noise, t = noise.clone(), t.clone()
             pick = torch.randint(self.teacher.num_draws, (B,), generator=generator)
+            dropped = ~batch["qwen_mask"].bool().any(dim=1).to(device) & is_distill
+            if dropped.any():  # the store holds velocities for the real caption, not the dropped (empty) one
+                if not self._warned_dropout:
+                    logger.warning("precomputed teacher: distill samples with a dropped (empty) caption get weight 0; "
+                                   "set data.caption_dropout=0 for distill sources or use distill.teacher=live")
+                    self._warned_dropout = True
+                weight = weight * (~dropped).float()
+                is_distill = is_distill & ~dropped
+                rows = is_distill.nonzero().flatten()
             for b in rows.tolist():
                 t_k, eps_k, v_k = self.teacher.get(batch["key"][b], int(pick[b]))
                 t[b], noise[b, :, 0], v_teacher[b, :, 0] = t_k, eps_k.to(device), v_k.to(device)
