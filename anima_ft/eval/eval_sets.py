@@ -98,9 +98,9 @@ def load_shard_eval_set(shards: str | Path | Sequence[str | Path], name: str = "
     reader = ShardReader(catalog)
     samples = []
     try:
-        for entry in catalog.entries:
-            rec = reader.read_entry(entry)
-            samples.append(EvalSample(key=str(entry["key"]), latents=rec["latent"].float(),
+        for i in range(len(catalog)):
+            rec = reader.read(i)
+            samples.append(EvalSample(key=str(catalog.keys[i]), latents=rec["latent"].float(),
                                       qwen_states=rec["qwen_states"].float(), t5_ids=rec["t5_ids"].long(),
                                       caption=str(rec["meta"].get("caption", ""))))
     finally:
