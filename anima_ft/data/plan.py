@@ -79,6 +79,7 @@ class MixPlanner:
         self.buckets = sorted({b for per in catalog.by_bucket for b in per})
         self._tags = [zlib.crc32(n.encode()) for n in catalog.names]
         self._perms: dict[tuple[int, Bucket], tuple[int, np.ndarray]] = {}
+        self._cdfs: dict[tuple, np.ndarray] = {}
         self.step = 0
         self.carry = [0.0] * len(catalog.names)
         self.cursors: dict[tuple[int, Bucket], list[int]] = {}  # (source, bucket) -> [epoch, position]
@@ -133,6 +134,18 @@ class MixPlanner:
             e, p = epoch + (position + k) // n, (position + k) % n
             yield int(self.order(source, bucket, e)[p])
 
+    def _bucket_cdf(self, needed: frozenset[int]) -> np.ndarray:
+        """Cumulative bucket probabilities for a chunk needing ``needed`` sources (step 3), cached per weights."""
+        key = (needed, tuple(self.weights))
+        cdf = self._cdfs.get(key)
+        if cdf is None:
+            by_bucket = self.catalog.by_bucket
+            sizes = np.array([sum(len(per.get(b, ())) for per, w in zip(by_bucket, self.weights) if w > 0)
+                              if all(b in by_bucket[s] for s in needed) else 0 for b in self.buckets], np.float64)
+            cdf = np.cumsum(sizes) / sizes.sum()
+            self._cdfs[key] = cdf
+        return cdf
+
     def next_global_batch(self) -> list[MicroBatchPlan]:
         """Plan the next global batch (all ranks, all accumulation steps) and advance the state."""
         num_micro = self.A * self.W
@@ -140,18 +153,16 @@ class MixPlanner:
         labels = sorted((((k + 0.5) / n, s) for s, n in enumerate(counts) for k in range(n)))
         chunks = [[s for _, s in labels[i * self.M : (i + 1) * self.M]] for i in range(num_micro)]
         rng = np.random.default_rng([self.seed, 0x57E9, self.step])
-        chunks = [chunks[i] for i in rng.permutation(num_micro)]
-        sizes = np.array([sum(len(per.get(b, ())) for per, w in zip(self.catalog.by_bucket, self.weights) if w > 0)
-                          for b in self.buckets], dtype=np.float64)
+        order = rng.permutation(num_micro)
+        u_bucket = rng.random(num_micro)
+        drops = (rng.random((num_micro, self.M)) < self.caption_dropout).tolist()
         plans = []
-        for j, chunk in enumerate(chunks):
-            needed = set(chunk)
-            ok = np.array([all(b in self.catalog.by_bucket[s] for s in needed) for b in self.buckets])
-            p = sizes * ok
-            bucket = self.buckets[int(rng.choice(len(self.buckets), p=p / p.sum()))]
-            drop = (rng.random(self.M) < self.caption_dropout).tolist()
+        for j in range(num_micro):
+            chunk = chunks[order[j]]
+            cdf = self._bucket_cdf(frozenset(chunk))
+            bucket = self.buckets[min(int(np.searchsorted(cdf, u_bucket[j], side="right")), len(cdf) - 1)]
             samples = [self._draw(s, bucket) for s in chunk]
-            plans.append(MicroBatchPlan(self.step, j, bucket, samples, drop))
+            plans.append(MicroBatchPlan(self.step, j, bucket, samples, drops[j]))
         self.step += 1
         return plans
 
