@@ -167,6 +167,20 @@ class Anima(nn.Module):
         n = round(fraction * self.cfg.num_blocks)
         self.checkpoint_blocks = [i < n for i in range(self.cfg.num_blocks)]
 
+    def external_parameter_uses(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """``(module, parameter)`` pairs where ``module.forward`` reads a parameter of a child it never calls.
+
+        The q/k RMSNorm weights are handed to the fused attention op instead of running ``q_norm``/``k_norm``
+        themselves. ZeRO-3 gathers a parameter only when its owner's forward runs, so the trainer registers these
+        pairs (``deepspeed.zero.register_external_parameter``) before sharding.
+        """
+        return [
+            (m, norm.weight)
+            for m in self.modules()
+            if isinstance(m, QKNormAttention)
+            for norm in (m.q_norm, m.k_norm)
+        ]
+
     def encode_context(self, qwen_states_B_S_Cs, qwen_mask_B_S, t5_ids_B_L, t5_mask_B_L) -> torch.Tensor:
         """The adapter's context ``[B, max(L, context_tokens), Cc]``, zero past each caption's T5 length."""
         if self.llm_adapter is None:
