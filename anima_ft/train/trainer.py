@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 Callback = Callable[[int, object, dict], None]
 PREEMPTED = "preempted"
 COUNTERS = ("step", "samples_seen", "tokens_seen", "nonfinite_total", "nonfinite_in_row")
-FAULT_ENV = "ANIMA_FT_FAULT"  # test-only fault injection: "kill:STEP:RANK" or "nan:STEP"
+FAULT_ENV = "ANIMA_FT_FAULT"  # test-only fault injection, see Trainer._fault
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,15 +118,20 @@ class Trainer:
         return path
 
     def _fault(self, step: int, batch: dict) -> None:
+        """Test-only fault injection from ``ANIMA_FT_FAULT``: ``kill:STEP:RANK`` (SIGKILL), ``signal:STEP:RANK``
+        (SIGUSR1, a preemption notice) or ``nan:FIRST[-LAST]`` (NaN latents on every rank); STEP is 0-based."""
         spec = os.environ.get(FAULT_ENV, "")
         if not spec:
             return
         kind, at, *rest = spec.split(":")
-        if int(at) != step:
+        first, _, last = at.partition("-")
+        if not int(first) <= step <= int(last or first):
             return
         if kind == "kill" and int(rest[0]) == self.env.rank:
             os.kill(os.getpid(), signal.SIGKILL)
-        if kind == "nan":
+        elif kind == "signal" and int(rest[0]) == self.env.rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        elif kind == "nan":
             batch["latents"] = batch["latents"] * float("nan")
 
     def _tokens_per_sample(self, batch: dict) -> int:
