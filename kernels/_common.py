@@ -21,6 +21,14 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return max(triton.next_power_of_2(int(n)), minimum)
 
 
+def tuning_configs(specs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples as Triton configs; only the first one when
+    ``ANIMA_KERNELS_AUTOTUNE=0`` (quick runs: one compile per kernel variant, no benchmarking)."""
+    if os.environ.get("ANIMA_KERNELS_AUTOTUNE", "1") == "0":
+        specs = specs[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in specs]
+
+
 def maybe_autotune(configs: list[triton.Config], key: list[str]):
     """``triton.autotune(configs, key)`` on a GPU; the identity under ``TRITON_INTERPRET=1``.
 

@@ -27,18 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, MIN_DOT_DIM, interpret_block, maybe_autotune, next_pow2
+from kernels._common import INTERPRET, MIN_DOT_DIM, interpret_block, maybe_autotune, next_pow2, tuning_configs
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)]
-]
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
-]
+# Autotune candidates, checked offline for sm_90 with kernels/bench/aot_check.py (bf16, D 128): each compiles to
+# wgmma without register spills. Fields: BLOCK_M (query rows), BLOCK_N (keys), num_warps, num_stages.
+_FWD_CONFIGS = tuning_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3)])
+_DKDV_CONFIGS = tuning_configs([(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)])
+_DQ_CONFIGS = tuning_configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)])
 _TUNE_KEY = ["D", "LEN_KEY", "HAS_MASK"]
 # Keys need masking (a where() per score) only with a key mask or a ragged last key tile.
 _MASK_KEYS = triton.heuristics({"MASK_KEYS": lambda a: bool(a["HAS_MASK"]) or a["Lk"] % a["BLOCK_N"] != 0})
@@ -130,7 +127,7 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
-@maybe_autotune(_BWD_CONFIGS, _TUNE_KEY)
+@maybe_autotune(_DKDV_CONFIGS, _TUNE_KEY)
 @_MASK_KEYS
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -178,7 +175,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
-@maybe_autotune(_BWD_CONFIGS, _TUNE_KEY)
+@maybe_autotune(_DQ_CONFIGS, _TUNE_KEY)
 @_MASK_KEYS
 @triton.jit
 def _attn_bwd_dq_kernel(

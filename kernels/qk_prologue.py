@@ -109,6 +109,9 @@ def _norm_rope_bwd_kernel(
     tl.store(DX + y_offs + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=m2)
 
 
+NUM_WARPS = 8  # GPU launches: 4K-element tiles over 256 threads
+
+
 def _block_rows(block_d: int, n_rows: int) -> int:
     """Rows per program: about 4K elements per program on a GPU; under the interpreter, small tiles for small
     inputs (several programs, so the cross-program weight-gradient sum is exercised) and 512 rows otherwise."""
@@ -135,7 +138,7 @@ def norm_rope_forward(
     _norm_rope_fwd_kernel[grid](
         x_B_L_H_D, weight_D, cos, sin, y, rstd,
         n_rows, L, H, D, sb, sl, sh, cos.stride(0) if rope is not None else 0, eps,
-        HAS_ROPE=rope is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        HAS_ROPE=rope is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
     return y, rstd
 
@@ -162,7 +165,7 @@ def norm_rope_backward(
     _norm_rope_bwd_kernel[(n_prog,)](
         x_B_L_H_D, weight_D, cos, sin, rstd, dy_B_L_H_D, dx, dw_partial,
         n_rows, L, H, D, sb, sl, sh, cos.stride(0) if rope is not None else 0,
-        HAS_ROPE=rope is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        HAS_ROPE=rope is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
     dw = dw_partial.sum(dim=0)[:D].to(weight_D.dtype)
     return dx, dw
