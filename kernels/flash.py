@@ -229,9 +229,10 @@ def _blocks(Lq: int, Lk: int) -> dict:
     return {"BLOCK_M": interpret_block(Lq), "BLOCK_N": interpret_block(Lk)} if INTERPRET else {}
 
 
-def _len_key(n: int) -> int:
-    """Autotune bucket for a sequence length (power of two), so varying caption lengths do not re-tune."""
-    return next_pow2(n, 16)
+def _len_key(Lq: int, Lk: int) -> int:
+    """Autotune bucket for the two lengths (log2 of their next powers of two), so that varying caption lengths do
+    not re-tune while self- (4096 x 4096) and cross-attention (4096 x 512) get their own configs."""
+    return (next_pow2(Lq, 16).bit_length() << 8) | next_pow2(Lk, 16).bit_length()
 
 
 def flash_forward(
@@ -254,7 +255,7 @@ def flash_forward(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         key_mask.stride(0) if key_mask is not None else 0,
-        H, Lq, Lk, D, LOG2E / math.sqrt(D), _len_key(min(Lq, Lk)),
+        H, Lq, Lk, D, LOG2E / math.sqrt(D), _len_key(Lq, Lk),
         HAS_MASK=key_mask is not None, DOT_PREC=_dot_precision(q.dtype), BLOCK_D=next_pow2(D, MIN_DOT_DIM),
         **_blocks(Lq, Lk),
     )
@@ -288,7 +289,7 @@ def flash_backward(
     args = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), key_mask.stride(0) if key_mask is not None else 0,
-        H, Lq, Lk, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D), _len_key(min(Lq, Lk)),
+        H, Lq, Lk, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D), _len_key(Lq, Lk),
     )
     consts = {"HAS_MASK": key_mask is not None, "DOT_PREC": _dot_precision(q.dtype), "BLOCK_D": block_d,
               **_blocks(Lq, Lk)}
