@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("target_train", "replay_train", "target_probe", "replay_probe")
 TEXT_WIDTH = 32  # = AnimaConfig.tiny().adapter.source_dim
 REPO_ROOT = Path(__file__).resolve().parents[2]
+LAB_DATA_VERSION = 1  # bump when digits / codec / text-stack code changes what the shards hold
 DIT_KINDS = ("self_attn", "cross_attn", "mlp", "adaln", "embedders", "final_layer")
 
 
@@ -39,20 +40,27 @@ def build_text_encoder(seed: int):
 
 
 def prepare_data(data_dir: Path, data_settings: dict) -> dict:
-    """Images -> codec -> shards for the four splits; reuses everything when ``settings.json`` matches.
+    """Images -> codec -> shards for the four splits; reuses them when ``settings.json`` holds the same settings
+    and every shard's encoder fingerprint equals the saved codec's plus this text stack's.
 
     Returns ``{"counts": {split: n}, "reused": bool, "codec": fingerprint, "seconds": s}``.
     """
     from anima_ft.data.prepare import PrepareConfig, prepare_shards
+    from anima_ft.data.shard_format import fingerprint_hash, make_fingerprint, read_index
 
     t0 = time.perf_counter()
     settings_path = data_dir / "settings.json"
     codec_path = data_dir / "codec.safetensors"
+    data_settings = {**data_settings, "lab_data_version": LAB_DATA_VERSION}
+    text = build_text_encoder(data_settings["seed"])
     done = settings_path.exists() and json.loads(settings_path.read_text()).get("settings") == data_settings
     if done and codec_path.exists() and all((data_dir / "shards" / s / "prepare_summary.json").exists() for s in SPLITS):
-        saved = json.loads(settings_path.read_text())
-        logger.info("reusing prepared shards in %s", data_dir)
-        return {**saved["result"], "reused": True, "seconds": time.perf_counter() - t0}
+        want = fingerprint_hash(make_fingerprint(PCAPatchCodec.load(codec_path).fingerprint(), text.fingerprint()))
+        found = {read_index(t)["fingerprint_hash"] for t in (data_dir / "shards").glob("*/*.tar")}
+        if found == {want}:
+            logger.info("reusing prepared shards in %s", data_dir)
+            saved = json.loads(settings_path.read_text())
+            return {**saved["result"], "reused": True, "seconds": time.perf_counter() - t0}
     if data_dir.exists():
         logger.info("data settings changed (or data incomplete): re-preparing %s", data_dir)
         shutil.rmtree(data_dir)
@@ -63,7 +71,6 @@ def prepare_data(data_dir: Path, data_settings: dict) -> dict:
     codec = PCAPatchCodec.fit(torch.from_numpy(pixels_from_images(train_images)))
     data_dir.mkdir(parents=True, exist_ok=True)
     codec.save(codec_path)
-    text = build_text_encoder(data_settings["seed"])
     counts = {}
     for name in SPLITS:
         folder = write_image_folder(splits[name], data_dir / "images" / name)
