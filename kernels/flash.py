@@ -37,6 +37,8 @@ _FWD_CONFIGS = tuning_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4
 _DKDV_CONFIGS = tuning_configs([(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)])
 _DQ_CONFIGS = tuning_configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)])
 _TUNE_KEY = ["D", "LEN_KEY", "HAS_MASK"]
+# Lengths vary per batch (captions, resolutions): do not compile a variant per divisibility class of them.
+_NO_SPECIALIZE = ["Lq", "Lk", "LEN_KEY"]
 # Keys need masking (a where() per score) only with a key mask or a ragged last key tile.
 _MASK_KEYS = triton.heuristics({"MASK_KEYS": lambda a: bool(a["HAS_MASK"]) or a["Lk"] % a["BLOCK_N"] != 0})
 
@@ -60,7 +62,7 @@ def _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK: tl.constexpr):
 
 @maybe_autotune(_FWD_CONFIGS, _TUNE_KEY)
 @_MASK_KEYS
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
     Q, K, V, KMASK, OUT, LSE,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
@@ -129,7 +131,7 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
 
 @maybe_autotune(_DKDV_CONFIGS, _TUNE_KEY)
 @_MASK_KEYS
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, KMASK, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
@@ -177,7 +179,7 @@ def _attn_bwd_dkdv_kernel(
 
 @maybe_autotune(_DQ_CONFIGS, _TUNE_KEY)
 @_MASK_KEYS
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
     Q, K, V, KMASK, DO, LSE, DELTA, DQ,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
