@@ -182,9 +182,10 @@ class ShardWriter:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary name and ``os.replace``."""
+    """Write JSON to ``path`` through a temporary name and ``os.replace`` (the name holds the pid: ranks that write
+    the same summary at the same time never share a temporary file)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
