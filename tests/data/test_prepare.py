@@ -232,3 +232,37 @@ def test_cli_with_tiny_encoders(image_folder, long_caption_folder, tmp_path, tok
     assert main(argv) == 0
     qwen_tok, t5_tok = load_tokenizers(qwen_dir, t5_dir)
     check_real_shards(out, AnimaVAE(tiny_vae(seed=0)), TextEncoder(tiny_qwen3(seed=0).to(torch.bfloat16), qwen_tok, t5_tok))
+
+
+RANK_SCRIPT = """
+import os, sys, torch, torch.nn.functional as F
+sys.path.insert(0, {test_dir!r})
+from test_prepare import FakeText, FakeVAE
+from anima_ft.data.prepare import PrepareConfig, prepare_shards
+cfg = PrepareConfig(out_dir={out!r}, bucket_area={area}, bucket_width_step=16, shard_size=2, batch_size=2,
+                    progress=False, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+prepare_shards([{inputs!r}], FakeVAE(), FakeText(), cfg)
+"""
+
+
+@pytest.mark.multiproc
+def test_two_processes_split_the_work(image_folder, tmp_path):
+    """Two concurrent ranks (RANK / WORLD_SIZE as torchrun sets them) write disjoint shards that equal one run."""
+    import os
+    import subprocess
+    import sys
+
+    script = RANK_SCRIPT.format(test_dir=str(Path(__file__).parent), out=str(tmp_path / "two"), area=AREA,
+                                inputs=str(image_folder))
+    procs = [subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"})
+             for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    cfg = PrepareConfig(out_dir=str(tmp_path / "one"), bucket_area=AREA, bucket_width_step=16, shard_size=2,
+                        batch_size=2, progress=False)
+    one = prepare_shards([str(image_folder)], FakeVAE(), FakeText(), cfg)
+    from anima_ft.data.prepare import write_summary
+
+    two = write_summary(tmp_path / "two")
+    assert two == one
+    for tar in (tmp_path / "one").glob("*.tar"):
+        assert (tmp_path / "two" / tar.name).read_bytes() == tar.read_bytes()
