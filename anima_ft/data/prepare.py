@@ -145,8 +145,14 @@ def _caption_from(sample: dict) -> str | None:
 def iter_unit(unit: WorkUnit, counts: Counter) -> Iterator[RawItem]:
     """Raw inputs of a unit; tar-level read errors are counted as ``unreadable_input`` and skipped."""
     for image_path, caption_path in unit.images:
-        caption = caption_path.read_text(encoding="utf-8", errors="replace") if caption_path.exists() else None
-        yield RawItem(str(image_path), image_path.read_bytes(), caption)
+        try:
+            caption = caption_path.read_text(encoding="utf-8", errors="replace") if caption_path.exists() else None
+            image = image_path.read_bytes()
+        except OSError as err:
+            counts["unreadable_input"] += 1
+            log.warning("cannot read %s: %s", image_path, err)
+            continue
+        yield RawItem(str(image_path), image, caption)
     if unit.tar is not None:
         def handler(err: Exception) -> bool:
             counts["unreadable_input"] += 1
