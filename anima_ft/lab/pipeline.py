@@ -138,8 +138,9 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
 
 
 def run_drift(base: Path, finals: dict[str, Path], out_dir: Path) -> dict[str, dict[str, float]]:
-    """``anima-ft drift`` (tables, CSVs, heatmap) plus ``drift_kinds.csv``: per variant, the relative change of
-    ``llm_adapter``, of the whole DiT (``dit``) and of each DiT kind against the base model."""
+    """``anima-ft drift`` (tables, CSVs, heatmap) plus ``drift_kinds.csv``: per variant, the relative change against
+    the base model of the whole adapter (``llm_adapter``), its blocks + output norm/projection (``adapter_blocks``),
+    its T5 embedding table (``adapter_embed``), the whole DiT (``dit``) and each DiT kind."""
     from anima_ft.eval import drift
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,12 +148,17 @@ def run_drift(base: Path, finals: dict[str, Path], out_dir: Path) -> dict[str, d
     drift.main([*paths, "--labels", ",".join(["base", *finals]), "--out-dir", str(out_dir)])
     result: dict[str, dict[str, float]] = {}
     for name, path in finals.items():
-        kinds = drift.kind_table(drift.compare_files(base, path).groups)
-        dit = drift.DriftStats()
+        groups = drift.compare_files(base, path).groups
+        kinds = drift.kind_table(groups)
+        dit, blocks = drift.DriftStats(), drift.DriftStats()
         for k in DIT_KINDS:
             if k in kinds:
                 dit += kinds[k]
-        result[name] = {"llm_adapter": kinds["llm_adapter"].rel, "dit": dit.rel,
+        for g, st in groups.items():
+            if g.startswith("llm_adapter.") and g != "llm_adapter.embed":
+                blocks += st
+        result[name] = {"llm_adapter": kinds["llm_adapter"].rel, "adapter_blocks": blocks.rel,
+                        "adapter_embed": groups["llm_adapter.embed"].rel, "dit": dit.rel,
                         **{k: kinds[k].rel for k in DIT_KINDS if k in kinds}}
     with open(out_dir / "drift_kinds.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -180,6 +186,7 @@ def make_grids(checkpoints: dict[str, Path], data_dir: Path, out_dir: Path, seed
     from anima_ft.model import load_anima
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # nothing else runs now: use every core
     codec = PCAPatchCodec.load(data_dir / "codec.safetensors")
     text = build_text_encoder(seed)
     captions = [caption_for(label, 0) for label in range(10)]

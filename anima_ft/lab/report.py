@@ -152,6 +152,9 @@ def interpretation(variants: list[VariantResult], held_out: str, target: str, ba
         if r0 <= 0:
             text = (f"the {baseline} run showed no rise of held-out loss ({_pct(r0)}), so this run cannot show "
                     f"a reduction of forgetting (its own change: {_pct(r)})")
+        elif r <= 0:
+            text = (f"prevented the rise of held-out loss entirely: it changed by {_pct(r)}, vs {_pct(r0)} for "
+                    f"{baseline}")
         elif r < r0:
             text = f"reduced the rise of held-out loss by {100 * (1 - r / r0):.0f}% ({_pct(r)} vs {_pct(r0)})"
         else:
@@ -168,8 +171,13 @@ def interpretation(variants: list[VariantResult], held_out: str, target: str, ba
         if "llm_adapter" in v.drift and "dit" in v.drift:
             a, d = v.drift["llm_adapter"], v.drift["dit"]
             more = "more" if a > d else "less"
-            out.append(f"- **{v.name}**: relative to the base weights, the adapter moved {more} than the DiT "
-                       f"({_fmt(a)} vs {_fmt(d)}; ratio {a / d:.2f}).")
+            text = (f"- **{v.name}**: relative to the base weights, the adapter moved {more} than the DiT "
+                    f"({_fmt(a)} vs {_fmt(d)}, ratio {a / d:.2f})")
+            if "adapter_blocks" in v.drift:
+                b = v.drift["adapter_blocks"]
+                text += (f"; without its T5 embedding table (mostly rows no caption uses) the adapter moved "
+                         f"{_fmt(b)}, {'more' if b > d else 'less'} than the DiT (ratio {b / d:.2f})")
+            out.append(text + ".")
     return out
 
 
@@ -210,7 +218,12 @@ def write_report(out_dir: Path, variants: list[VariantResult], meta: dict) -> Pa
         lines += ["## Timings", "", "| step | seconds |", "|---|---|"]
         lines += [f"| {k} | {s:.1f} |" for k, s in meta["timings"].items()] + [""]
     if meta.get("configs"):
-        lines += ["## Resolved configs", ""] + [f"- {k}: [{p}]({p})" for k, p in meta["configs"].items()] + [""]
+        lines += ["## Resolved configs", "", "Each run's full resolved training config (defaults < recipe < the lab's "
+                  "overrides), as the trainer wrote it into its run directory.", ""]
+        for name, rel in meta["configs"].items():
+            text = (out_dir / rel).read_text() if (out_dir / rel).exists() else "(missing)"
+            lines += [f"<details><summary>{name}: {rel}</summary>", "", "```yaml", text.rstrip(), "```", "",
+                      "</details>", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -165,12 +165,15 @@ def main(argv: list[str]) -> int:
         f"- Model: `AnimaConfig.tiny()` (DiT width 64, 2 blocks, adapter width 32, 2 layers). Base: "
         f"{preset['pretrain_steps']} steps on all classes. Each fine-tune: {preset['finetune_steps']} steps from the "
         f"base, probed every {preset['probe_every']} steps. `deepspeed` with {args.nproc} CPU ranks, ZeRO-2, fp32.",
+        "- Recipes: `configs/lab/*.yaml`, written before any result was seen; the lab overrides only paths, seed, "
+        "step counts and the pretraining source weights (each run's exact command is in `<run>/command.txt`). "
+        "Sampling: Euler, CFG 3 against the empty caption (the recipes drop 10% of captions).",
         f"- Mode: {'--quick (shortened; numbers are noisy)' if args.quick else 'full'}. Every number below is read "
         "from the run's files (`ft_*/probe.jsonl`, `drift/drift_kinds.csv`); `lab_summary.json` holds them all.",
     ]
     first_probe = json.loads((out / f"ft_{results[0].name}" / "probe.jsonl").read_text().splitlines()[0])
     meta = {"seed": args.seed, "sigmas": first_probe["sigmas"], "num_noises": first_probe["num_noises"], "held_out": HELD_OUT, "target": TARGET, "baseline": "no_replay",
-            "drift_groups": ["llm_adapter", "dit", *pipeline.DIT_KINDS], "setup": setup, "timings": timings,
+            "drift_groups": ["llm_adapter", "adapter_blocks", "adapter_embed", "dit", *pipeline.DIT_KINDS], "setup": setup, "timings": timings,
             "grids": {k: str(Path(p).relative_to(out)) for k, p in grids.items()}, "configs": configs,
             "failed": failed}
     summary = {"meta": meta, "settings": preset, "data": data,

@@ -116,6 +116,9 @@ def test_report_numbers_follow_the_formulas(tmp_path):
     assert "reduced the rise of held-out loss by 60%" in text  # 1 - 0.2 / 0.5
     assert "more than two standard errors" in text
     assert "adapter moved less than the DiT" in text and "adapter moved more than the DiT" in text
+    better = _variant("replay25", [1.0, 0.9, 0.95], [1.0, 1.0, 1.0], [1.4, 1.5, 1.6, 1.5], {})
+    assert "prevented the rise of held-out loss entirely: it changed by -5.0%, vs +50.0%" in "\n".join(
+        interpretation([base, better], "replay_classes", "target_classes", "no_replay"))
     worse = _variant("replay25", [1.0, 1.4, 1.8], [1.0, 1.0, 1.0], [1.4, 1.5, 1.6, 1.5], {})
     assert "did not reduce" in "\n".join(interpretation([base, worse], "replay_classes", "target_classes",
                                                         "no_replay"))
