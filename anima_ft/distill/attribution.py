@@ -73,8 +73,13 @@ def teacher_gap(model: nn.Module, teacher: nn.Module, samples: Sequence[EvalSamp
 
 
 def redistribution(teacher: nn.Module, student: nn.Module, samples: Sequence[EvalSample], sigmas: Sequence[float],
-                   reinit_seed: int, num_noises: int = 4, seed: int = 0) -> dict:
-    """Teacher gaps of the pairings (module docstring): ``{"rows": {name: gap dict}, "shift": [J], "split": ...}``."""
+                   reinit_seed: int, num_noises: int = 4, seed: int = 0,
+                   references: dict[str, nn.Module] | None = None) -> dict:
+    """Teacher gaps of the pairings (module docstring): ``{"rows": {name: gap dict}, "shift": [J], "split": ...}``.
+
+    ``references``: other models (e.g. a plain fine-tune of the same length) whose DiT is also paired with R, as the
+    fair baseline when the student was fine-tuned as well as distilled.
+    """
     R = reinit_adapter(teacher, reinit_seed)
     T, S = core_module(teacher), core_module(student)
     rows = {
@@ -83,6 +88,8 @@ def redistribution(teacher: nn.Module, student: nn.Module, samples: Sequence[Eva
         "student DiT + its own adapter": teacher_gap(S, T, samples, sigmas, num_noises, seed),
         "student DiT + teacher adapter": teacher_gap(pair(S, T.llm_adapter), T, samples, sigmas, num_noises, seed),
     }
+    for name, ref in (references or {}).items():
+        rows[f"{name} DiT + re-init adapter"] = teacher_gap(pair(ref, R), T, samples, sigmas, num_noises, seed)
     before = rows["teacher DiT + re-init adapter (before)"]["gap"]
     after = rows["student DiT + re-init adapter (after)"]["gap"]
     shift = [1.0 - a / b if b > 0 else 0.0 for a, b in zip(after, before)]

@@ -90,7 +90,7 @@ def train_student(base_path: str | Path, pools: dict[str, list[EvalSample]], cfg
 
 
 def run(lab_dir: Path, out: Path, steps: int, batch_size: int, lr: float, adapter_lr: float, reinit_seed: int,
-        seed: int, num_noises: int = 4) -> Path:
+        seed: int, num_noises: int = 4, target_weight: float = 1.0) -> Path:
     """Run the variant and write ``out/redistribution.md`` (+ ``result.json``, ``distilled.safetensors``)."""
     from anima_ft.eval.probe import evaluate_sets
     from anima_ft.model import save_anima
@@ -100,12 +100,13 @@ def run(lab_dir: Path, out: Path, steps: int, batch_size: int, lr: float, adapte
     for path in (base, shards):
         if not path.exists():
             raise ValueError(f"{path} not found: run `anima-ft lab --out {lab_dir}` first")
-    pools = {"target": load_shard_eval_set(shards / "target_train", "target"),
-             "replay": load_shard_eval_set(shards / "replay_train", "replay")}
+    pools = {"replay": load_shard_eval_set(shards / "replay_train", "replay")}
+    if target_weight > 0:  # 0 = pure distillation on replay images (isolates redistribution from fine-tuning)
+        pools["target"] = load_shard_eval_set(shards / "target_train", "target")
     probes = {"replay_classes": load_shard_eval_set(shards / "replay_probe", "replay_classes"),
               "target_classes": load_shard_eval_set(shards / "target_probe", "target_classes")}
     cfg = DistillConfig(enabled=True, adapter_source="reinit", reinit_seed=reinit_seed,
-                        losses=[SourceLoss("target", "flow", 1.0), SourceLoss("replay", "distill", 1.0)])
+                        losses=[SourceLoss("target", "flow", target_weight), SourceLoss("replay", "distill", 1.0)])
     t0 = time.perf_counter()
     teacher, student, losses = train_student(base, pools, cfg, steps, batch_size, lr, adapter_lr, seed)
     seconds = time.perf_counter() - t0
@@ -117,14 +118,20 @@ def run(lab_dir: Path, out: Path, steps: int, batch_size: int, lr: float, adapte
     k = max(1, steps // 10)
     lines = ["# Redistribution variant (distill into the DiT with a re-initialized adapter)", "",
              f"Student: base DiT + adapter re-initialized (seed {reinit_seed}), adapter LR {adapter_lr:g}, DiT LR "
-             f"{lr:g}; {steps} AdamW steps of {batch_size} samples (half replay-class images with the distill loss "
-             f"against the frozen base, half target-class images with the flow loss); {seconds:.0f} s on CPU.", "",
+             f"{lr:g}; {steps} AdamW steps of {batch_size} samples: "
+             + ("half replay-class images with the distill loss against the frozen base, half target-class images "
+                f"with the flow loss (weight {target_weight:g})" if target_weight > 0 else
+                "replay-class images only, distill loss against the frozen base (no target fine-tuning)")
+             + f"; {seconds:.0f} s on CPU.", "",
              f"Training loss: first {k} steps {sum(losses[:k]) / k:.4f}, last {k} steps {sum(losses[-k:]) / k:.4f}.",
              "", "## Teacher gap of DiT / adapter pairings (mean squared velocity difference to the base; relative "
              "in parentheses)", ""]
     result = {"losses": losses, "seconds": seconds, "sets": {}}
+    references = {}
+    if (lab_dir / "no_replay.safetensors").exists():  # the lab's plain fine-tune: the baseline when target_weight > 0
+        references["no_replay fine-tune"] = load_teacher(str(lab_dir / "no_replay.safetensors"), dtype=torch.float32)
     for name, samples in probes.items():
-        red = redistribution(teacher, student, samples, SIGMAS, reinit_seed, num_noises, seed)
+        red = redistribution(teacher, student, samples, SIGMAS, reinit_seed, num_noises, seed, references)
         result["sets"][name] = red
         lines += [f"### {name} (held-out probe images)", "", redistribution_table(red), ""]
     lines += ["## Flow probe loss (fixed sigmas and noises), base vs student", "",
@@ -150,9 +157,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--adapter-lr", type=float, default=0.0, help="re-initialized adapter LR (0 = frozen)")
     ap.add_argument("--reinit-seed", type=int, default=1234)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target-weight", type=float, default=1.0,
+                    help="flow-loss weight of target images; 0 = replay-only pure distillation")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     path = run(args.lab_dir, args.out or args.lab_dir / "distill_reinit", args.steps, args.batch_size, args.lr,
-               args.adapter_lr, args.reinit_seed, args.seed)
+               args.adapter_lr, args.reinit_seed, args.seed, target_weight=args.target_weight)
     print(path.read_text())
     return 0
