@@ -37,6 +37,10 @@ _FWD_CONFIGS = tuning_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4
 _DKDV_CONFIGS = tuning_configs([(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)])
 _DQ_CONFIGS = tuning_configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)])
 _TUNE_KEY = ["D", "LEN_KEY", "HAS_MASK"]
+# False: dq by its own kernel (7 matmuls per tile pair in the backward, deterministic). True: the dk/dv kernel also
+# computes dq and adds it with fp32 atomics (5 matmuls, run-to-run rounding differences); config below.
+ATOMIC_DQ = False
+_ATOMIC_DQ_CONFIG = (64, 64, 8, 3)  # BLOCK_M, BLOCK_N, num_warps, num_stages
 # Lengths vary per batch (captions, resolutions): do not compile a variant per divisibility class of them.
 _NO_SPECIALIZE = ["Lq", "Lk", "LEN_KEY"]
 # Keys need masking (a where() per score) only with a key mask or a ragged last key tile.
@@ -129,16 +133,15 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, H, Lq, D, BLOCK_M: tl.constexpr, BLOC
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
-@maybe_autotune(_DKDV_CONFIGS, _TUNE_KEY)
-@_MASK_KEYS
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, KMASK, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv_jit(
+    Q, K, V, KMASK, DO, LSE, DELTA, DK, DV, DQ,
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
     stride_mb, H, Lq, Lk, D, sm_scale, qk_scale, LEN_KEY,
     HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dk, dv for one key tile over all query tiles; with ATOMIC_DQ also adds this tile's share of dq (fp32)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -171,10 +174,20 @@ def _attn_bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale  # [BLOCK_M, BLOCK_D]
+            dq_offs = (b.to(tl.int64) * Lq * H * D + h * D + offs_m.to(tl.int64)[:, None] * (H * D)
+                       + offs_d[None, :])
+            tl.atomic_add(DQ + dq_offs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     out = b.to(tl.int64) * Lk * H * D + h * D + offs_n.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
     nd_ok = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=nd_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+_attn_bwd_dkdv_kernel = maybe_autotune(_DKDV_CONFIGS, _TUNE_KEY)(_MASK_KEYS(_attn_bwd_dkdv_jit))
+# The atomic-dq variant runs with one fixed config: benchmarking it inside the autotuner would accumulate into dq.
+_attn_bwd_dkdv_atomic_kernel = _MASK_KEYS(_attn_bwd_dkdv_jit)
 
 
 @maybe_autotune(_DQ_CONFIGS, _TUNE_KEY)
@@ -293,10 +306,17 @@ def flash_backward(
         v.stride(0), v.stride(1), v.stride(2), key_mask.stride(0) if key_mask is not None else 0,
         H, Lq, Lk, D, 1.0 / math.sqrt(D), LOG2E / math.sqrt(D), _len_key(Lq, Lk),
     )
-    consts = {"HAS_MASK": key_mask is not None, "DOT_PREC": _dot_precision(q.dtype), "BLOCK_D": block_d,
-              **_blocks(Lq, Lk)}
+    consts = {"HAS_MASK": key_mask is not None, "DOT_PREC": _dot_precision(q.dtype), "BLOCK_D": block_d}
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)
-    _attn_bwd_dkdv_kernel[grid_kv](q, k, v, mask, do, lse, delta, dk, dv, *args, **consts)
+    if ATOMIC_DQ:
+        dq.zero_()
+        m, n, w, st = _ATOMIC_DQ_CONFIG
+        tiles = _blocks(Lq, Lk) or {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
+        _attn_bwd_dkdv_atomic_kernel[grid_kv](q, k, v, mask, do, lse, delta, dk, dv, dq, *args, **consts,
+                                              ATOMIC_DQ=True, **tiles)
+        return dq, dk, dv
+    consts.update(_blocks(Lq, Lk))  # explicit tiles under the interpreter, autotuned on a GPU
+    _attn_bwd_dkdv_kernel[grid_kv](q, k, v, mask, do, lse, delta, dk, dv, dq, *args, **consts, ATOMIC_DQ=False)
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     _attn_bwd_dq_kernel[grid_q](q, k, v, mask, do, lse, delta, dq, *args, **consts)
     return dq, dk, dv

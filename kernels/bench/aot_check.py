@@ -98,10 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         for D, mask in ((128, False), (64, True)):
             for ci, cfg in enumerate(configs[:1] if args.quick else configs):
                 consts = dict(HAS_MASK=mask, MASK_KEYS=mask, DOT_PREC="tf32", BLOCK_D=D, **cfg.kwargs)
+                if kernel is flash._attn_bwd_dkdv_kernel:
+                    consts["ATOMIC_DQ"] = False
                 res = compile_one(kernel, attn_ptrs, floats, consts, cfg.num_warps, cfg.num_stages, args.arch)
                 failed |= res.startswith("FAILED") and ci == 0
                 print(f"{_raw(kernel).__name__:24} D{D:<3} mask={mask!s:5} {cfg.kwargs} w{cfg.num_warps} "
                       f"s{cfg.num_stages}: {res}", flush=True)
+    for D, mask in ((128, False), (64, True)):
+        m, n, w, st = flash._ATOMIC_DQ_CONFIG
+        consts = dict(HAS_MASK=mask, MASK_KEYS=mask, DOT_PREC="tf32", BLOCK_D=D, ATOMIC_DQ=True, BLOCK_M=m, BLOCK_N=n)
+        res = compile_one(flash._attn_bwd_dkdv_atomic_kernel, attn_ptrs, floats, consts, w, st, args.arch)
+        failed |= res.startswith("FAILED")
+        print(f"{'dkdv + atomic dq':24} D{D:<3} mask={mask!s:5} {flash._ATOMIC_DQ_CONFIG}: {res}", flush=True)
     pro_ptrs = {"X": "*bf16", "W": "*bf16", "COS": "*fp32", "SIN": "*fp32", "Y": "*bf16", "RSTD": "*fp32",
                 "DY": "*fp32", "DX": "*bf16", "DW_PARTIAL": "*fp32"}
     for kernel in (qk_prologue._norm_rope_fwd_kernel, qk_prologue._norm_rope_bwd_kernel):

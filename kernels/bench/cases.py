@@ -65,6 +65,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def attention_case(kind: str, smoke: bool, device: str, dtype: torch.dtype) -> list[dict]:
     """``kind`` in self / cross / adapter: the fused kernel vs the plain-PyTorch path on SDPA backends."""
     import kernels.attention as attn
+    import kernels.flash as flash
 
     if kind == "self":
         B, H, Lq, Lk, D = (1, 2, 64, 64, 32) if smoke else (4, 16, 4096, 4096, 128)
@@ -119,6 +120,9 @@ def attention_case(kind: str, smoke: bool, device: str, dtype: torch.dtype) -> l
     attn.RECOMPUTE_PROLOGUE = False
     rows.append(_time_variant("ours_fused_saved_prologue", ours, leaves, flops))
     attn.RECOMPUTE_PROLOGUE = True
+    flash.ATOMIC_DQ = True
+    rows.append(_time_variant("ours_fused_atomic_dq", ours, leaves, flops))
+    flash.ATOMIC_DQ = False
     for backend in ("cudnn", "flash", None):
         tag = backend or "default"
         rows.append(_time_variant(f"ref_norm_rope+sdpa_{tag}", ref, leaves, flops, backend))

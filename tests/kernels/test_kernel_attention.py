@@ -139,6 +139,19 @@ def test_saved_prologue_path_matches(device, monkeypatch):
         assert_close(a.cpu(), e, torch.float32, f"saved:{name}")
 
 
+@pytest.mark.parametrize("case", ["self_L33_D32", "adapter_7x33", "adapter_33x7", "cross_5x70_masked_big_tile"])
+def test_atomic_dq_backward_matches(case, device, monkeypatch):
+    """``flash.ATOMIC_DQ = True`` (dq added by the dk/dv kernel with atomics) gives the same gradients."""
+    import kernels.flash as flash
+
+    B, Lq, Lk, H, D, rope, mask_kind = CASES[case]
+    tensors, kwargs = _inputs(B, Lq, Lk, H, D, rope, mask_kind, seed=13)
+    monkeypatch.setattr(flash, "ATOMIC_DQ", True)
+    expected, actual = _run_pair(tensors, kwargs, torch.float32, device)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_close(a.cpu(), e, torch.float32, f"atomic:{case}:{name}")
+
+
 def test_prologue_matches_rmsnorm_then_rope(device):
     """The prologue kernel alone equals ``apply_rope(rms_norm(x) * w)`` from the reference."""
     from kernels.qk_prologue import norm_rope_forward
