@@ -198,6 +198,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class EmaConfig:
+    """Exponential moving average of the trainable weights (kept sharded like the fp32 master weights)."""
+
+    decay: float = 0.0
+    """EMA_t = decay * EMA_(t-1) + (1 - decay) * W_t after every applied update; 0 = off."""
+
+
+@dataclass
 class LoggingConfig:
     """Metrics and progress."""
 
@@ -239,5 +247,6 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

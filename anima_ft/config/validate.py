@@ -145,6 +145,8 @@ def validate(cfg: Config, world_size: int) -> None:
     _positive("checkpoint.keep_last", c.keep_last, allow_zero=True)
     if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
         raise ValueError(f"checkpoint.resume={c.resume!r}: use 'auto', 'none' or an existing checkpoint directory")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ValueError(f"ema.decay={cfg.ema.decay} must be in [0, 1) (0 = off)")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     _positive("logging.every_steps", cfg.logging.every_steps)
     _positive("eval.probe_every_steps", cfg.eval.probe_every_steps, allow_zero=True)

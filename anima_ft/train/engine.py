@@ -3,7 +3,8 @@
 A frozen group (lr 0) has ``requires_grad=False`` and is left out of the optimizer: no gradients and no optimizer
 state. Changing the trainable set therefore means a new engine. ``transition`` keeps the training state of groups
 that stay trainable across that rebuild, parameter by parameter, through DeepSpeed's full-tensor accessors (which
-work for ZeRO 1, 2 and 3): fp32 master weight, ``exp_avg``, ``exp_avg_sq`` and the AdamW step count. To bound
+work for ZeRO 1, 2 and 3): fp32 master weight, ``exp_avg``, ``exp_avg_sq``, the EMA if on, and the AdamW step
+count. To bound
 memory, parameter ``i`` is held on CPU only by rank ``i % world_size`` between the two engines (about 12 bytes per
 trainable element / world size per rank) and broadcast from there.
 """
@@ -30,10 +31,15 @@ from .stages import Stage
 
 logger = logging.getLogger(__name__)
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+EMA_KEY = "ema"
 
 
 def build_engine(model: nn.Module, cfg: Config, stage: Stage, ds_config: dict):
     """Freeze per ``stage``, build AdamW over the trainable groups, and wrap ``model`` in a DeepSpeed engine."""
+    if ds_config["zero_optimization"]["stage"] == 3 and hasattr(model, "external_parameter_uses"):
+        # parameters read outside their owner's forward must be gathered with the reading module (idempotent)
+        for module, param in model.external_parameter_uses():
+            deepspeed.zero.register_external_parameter(module, param)
     counts = apply_trainable(model, stage.peak_lr)
     groups = build_param_groups(model.named_parameters(), stage.peak_lr, cfg.optim.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=max(stage.peak_lr.values()), betas=tuple(cfg.optim.betas),
@@ -78,11 +84,12 @@ def _group_steps(engine) -> dict[str, torch.Tensor | float]:
     return out
 
 
-def materialize_state(engine, steps: dict[str, torch.Tensor | float] | None = None) -> None:
-    """Create AdamW state now (torch creates it lazily at the first step) so it can be overwritten.
+def materialize_state(engine, steps: dict[str, torch.Tensor | float] | None = None, ema: bool = False) -> None:
+    """Create AdamW state now (torch creates it lazily at the first step) so it can be overwritten or extended.
 
     The state is what ``torch.optim.AdamW`` would create (zero moments, step 0), except that each group's step
-    count comes from ``steps`` (missing = 0, a fresh Adam); the weights are not touched.
+    count comes from ``steps`` (missing = 0, a fresh Adam); the weights are not touched. With ``ema``, an
+    ``"ema"`` entry starts as a copy of the fp32 master partition (see ``ema.py``).
     """
     opt = base_optimizer(engine)
     for group, flat in _flat_params(engine):
@@ -92,7 +99,21 @@ def materialize_state(engine, steps: dict[str, torch.Tensor | float] | None = No
             "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
         }
+        if ema:
+            opt.state[flat][EMA_KEY] = flat.detach().clone()
     relink_optimizer_state(engine)
+
+
+def update_ema(engine, decay: float) -> None:
+    """``EMA <- decay * EMA + (1 - decay) * W`` on this rank's fp32 master partitions (call after an applied step).
+
+    The EMA lives in the optimizer state under ``"ema"``, so it is sharded exactly like the master weights, saved
+    and loaded with the optimizer shards and carried across stage transitions like the Adam moments.
+    """
+    opt = base_optimizer(engine)
+    with torch.no_grad():
+        for _, flat in _flat_params(engine):
+            opt.state[flat][EMA_KEY].lerp_(flat.detach(), 1.0 - decay)
 
 
 def relink_optimizer_state(engine) -> None:
@@ -113,6 +134,8 @@ def transition(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage, ds
     Collective: every rank must call it at the same step. Returns the new engine.
     """
     keep = old.trainable & new.trainable
+    use_ema = cfg.ema.decay > 0
+    state_keys = (*_ADAM_KEYS, EMA_KEY) if use_ema else _ADAM_KEYS
     rank, world = dist.get_rank(), dist.get_world_size()
     carried: dict[str, dict[str, torch.Tensor]] = {}
     shapes: dict[str, torch.Size] = {}
@@ -122,7 +145,7 @@ def transition(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage, ds
     for i, name in enumerate(names):  # every rank runs every gather (they are collectives)
         p = params[name]
         full = {"fp32": safe_get_full_fp32_param(p)}
-        full.update({k: safe_get_full_optimizer_state(p, k) for k in _ADAM_KEYS})
+        full.update({k: safe_get_full_optimizer_state(p, k) for k in state_keys})
         shapes[name] = full["fp32"].shape
         if i % world == rank:
             carried[name] = {k: v.detach().float().cpu().clone() for k, v in full.items()}
@@ -131,11 +154,11 @@ def transition(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage, ds
     engine.destroy()
     del engine
     new_engine = build_engine(model, cfg, new, ds_config)
-    materialize_state(new_engine, {k: v for k, v in steps.items() if k.split("/")[0] in keep})
+    materialize_state(new_engine, {k: v for k, v in steps.items() if k.split("/")[0] in keep}, ema=use_ema)
     device = next(iter(params.values())).device
     for i, name in enumerate(names):
         owner = i % world
-        for key in ("fp32", *_ADAM_KEYS):
+        for key in ("fp32", *state_keys):
             if rank == owner:
                 value = carried[name][key].to(device)
             else:

@@ -3,7 +3,8 @@
 The fp32 master weights are reassembled on the CPU from the ZeRO-1/2/3 shard files with DeepSpeed's
 ``zero_to_fp32`` reader (trainable parameters from the optimizer shards, frozen ones from the model-state files),
 so no GPU ever holds the full model. The result is written through ``anima_ft.model.save_anima``: ``net.`` keys,
-adapter included, bf16, with the model config and the resolved training config in the metadata.
+adapter included, bf16, with the model config and the resolved training config in the metadata. ``--ema`` writes
+the EMA of the weights instead, as its own file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,22 +44,53 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def export_checkpoint(ckpt: Path, out: Path) -> Path:
-    """Write ``out`` (official bf16 single file) from the checkpoint ``ckpt``; returns ``out``."""
+def ema_view(ckpt: Path, into: Path) -> Path:
+    """A copy of ``ckpt`` (links + rewritten optimizer shards) whose fp32 master partitions are the EMA partitions.
+
+    The EMA is stored as the ``"ema"`` optimizer-state entry of each flat fp32 partition (``engine.update_ema``);
+    putting it where the master partitions go lets DeepSpeed's own reader reassemble it. Frozen parameters come
+    from the model-state files, which is right: their EMA equals their (constant) value.
+    """
+    view = into / ckpt.name
+    view.mkdir(parents=True)
+    for f in sorted(ckpt.iterdir()):
+        if not f.name.endswith("optim_states.pt"):
+            (view / f.name).symlink_to(f.resolve())
+            continue
+        sd = torch.load(f, map_location="cpu", weights_only=False)
+        osd = sd["optimizer_state_dict"]
+        key, base = (("fp32_flat_groups", osd["optimizer_state_dict"]) if "fp32_flat_groups" in osd
+                     else ("single_partition_of_fp32_groups", osd["base_optimizer_state"]))
+        states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
+        masters = osd[key]
+        if any("ema" not in states.get(i, {}) for i in range(len(masters))):
+            raise ValueError(f"{ckpt} holds no EMA (train with ema.decay > 0), so --ema cannot export one")
+        osd[key] = [states[i]["ema"].reshape(-1)[: m.numel()].reshape(m.shape).clone() for i, m in enumerate(masters)]
+        torch.save(sd, view / f.name)
+    return view
+
+
+def export_checkpoint(ckpt: Path, out: Path, ema: bool = False) -> Path:
+    """Write ``out`` (official bf16 single file) from the checkpoint ``ckpt`` (its EMA with ``ema``)."""
     from anima_ft.model import AnimaConfig, build_anima, save_anima
 
     state = json.loads((ckpt / "trainer.json").read_text())
     if "model_config" not in state:
         raise ValueError(f"{ckpt}/trainer.json has no model_config; it was not written by anima_ft's trainer")
     model = build_anima(AnimaConfig.from_dict(state["model_config"]), device="meta")
-    sd = fp32_state_dict(ckpt)
+    if ema:
+        with tempfile.TemporaryDirectory() as tmp:
+            sd = fp32_state_dict(ema_view(ckpt, Path(tmp)))
+    else:
+        sd = fp32_state_dict(ckpt)
     expected = dict(model.state_dict())
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{ckpt}: shard tensors do not match the model: missing {missing[:10]}, "
                          f"unexpected {unexpected[:10]}")
     model.load_state_dict(sd, strict=True, assign=True)
-    meta = {"anima_ft.step": str(state["step"]), "anima_ft.samples_seen": str(state["samples_seen"])}
+    meta = {"anima_ft.step": str(state["step"]), "anima_ft.samples_seen": str(state["samples_seen"]),
+            "anima_ft.weights": "ema" if ema else "trained"}
     if "train_config" in state:
         meta["anima_ft.train_config"] = state["train_config"]
     save_anima(model, out, metadata=meta)
@@ -72,11 +105,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("source", help="run directory, its checkpoints/ directory, or one step_* checkpoint")
     parser.add_argument("out", type=Path, help="output .safetensors (official `net.` layout, bf16)")
     parser.add_argument("--tag", default=None, help="checkpoint name (step_XXXXXXXX); default: latest")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights (a run with ema.decay > 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         ckpt = resolve_checkpoint(args.source, args.tag)
-        export_checkpoint(ckpt, args.out)
+        export_checkpoint(ckpt, args.out, ema=args.ema)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

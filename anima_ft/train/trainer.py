@@ -26,7 +26,7 @@ from anima_ft.observability import MetricsWriter, train_flops_per_sample
 from .batches import build_stream, source_names
 from .checkpoint import find_checkpoint, load_checkpoint, read_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv
-from .engine import build_engine, set_lrs, transition
+from .engine import build_engine, materialize_state, relink_optimizer_state, set_lrs, transition, update_ema
 from .objective import compute_loss, noise_generator
 from .param_groups import numel
 from .stages import build_stages, source_weights, stage_at, total_steps
@@ -85,8 +85,11 @@ class Trainer:
         # the engine of the stage that took the last update; a boundary transition then happens in the loop
         self.stage = stage_at(self.stages, max(self.state["step"] - 1, 0))
         self.engine = build_engine(self.model, cfg, self.stage, self.ds_config)
+        if cfg.ema.decay > 0:
+            materialize_state(self.engine, ema=True)  # the EMA is an optimizer-state entry (engine.update_ema)
         if ckpt:
             rank_state = load_checkpoint(self.engine, ckpt)
+            relink_optimizer_state(self.engine)
             if rank_state is not None:
                 set_rng_state(rank_state["rng"])
                 self.stream.load_state_dict(rank_state["data"])
@@ -187,6 +190,8 @@ class Trainer:
             self.state["tokens_seen"] += tokens * env.world_size
             loss = float(sums[:n_src].sum() / max(1, n_samples))
             skipped = self.engine.skipped_steps != skipped_before or not torch.isfinite(torch.tensor(loss))
+            if cfg.ema.decay > 0 and self.engine.skipped_steps == skipped_before:
+                update_ema(self.engine, cfg.ema.decay)
             if skipped:
                 self.state["nonfinite_total"] += 1
                 self.state["nonfinite_in_row"] += 1

@@ -1,10 +1,13 @@
 """2-rank CPU runs of the tiny staged recipe (configs/tiny_cpu_staged.yaml) under ZeRO-2 (default suite) and
 ZeRO-3 (slow): the loss falls, frozen groups stay bit-identical, the stage transition changes exactly the trainable
-set, the export round-trips, and a run killed with SIGKILL resumes to the same per-step losses, bitwise."""
+set, the export round-trips, the EMA follows its recurrence, and a run killed with SIGKILL resumes to the same
+per-step losses and EMA, bitwise."""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from safetensors import safe_open
 from anima_ft.config.schema import PARAM_GROUPS
 from anima_ft.model import AnimaConfig, build_anima, load_anima, save_anima
 from anima_ft.observability import read_metrics
-from anima_ft.train.export import export_checkpoint, fp32_state_dict
+from anima_ft.train.export import ema_view, export_checkpoint, fp32_state_dict
 from anima_ft.train.param_groups import group_of
 
 from .conftest import REPO
@@ -25,12 +28,24 @@ pytestmark = pytest.mark.multiproc
 ZERO = [2, pytest.param(3, marks=pytest.mark.slow)]
 
 
+EMA_DECAY = 0.5
+
+
+def _zero_args(z: int) -> list[str]:
+    """ZeRO-3 partitions every parameter, even tiny ones (the default keeps those under 100k elements whole).
+
+    Every run keeps an EMA and saves a checkpoint after every step (the EMA test reads them all).
+    """
+    extra = ["dist.deepspeed_overrides.zero_optimization.stage3_param_persistence_threshold=0"] if z == 3 else []
+    return [f"dist.zero_stage={z}", f"ema.decay={EMA_DECAY}", "checkpoint.every_steps=1", *extra]
+
+
 @pytest.fixture(scope="module", params=ZERO, ids=lambda z: f"zero{z}")
 def reference(request, tmp_path_factory, launcher):
     """An uninterrupted run: (zero stage, run dir)."""
     z = request.param
     run = tmp_path_factory.mktemp(f"ref_zero{z}")
-    rc, out, _ = launcher(["--config", RECIPE, f"run.dir={run}", f"dist.zero_stage={z}"])
+    rc, out, _ = launcher(["--config", RECIPE, f"run.dir={run}", *_zero_args(z)])
     assert rc == 0, out[-4000:]
     return z, run
 
@@ -99,20 +114,45 @@ def test_export_round_trip(reference, tmp_path):
         assert torch.equal(v, fp32[k].to(torch.bfloat16)), k
 
 
-def test_resume_after_kill_is_bitwise_identical(reference, tmp_path, launcher):
+@pytest.mark.parametrize("kill_at", [STAGE1_END, pytest.param(6, marks=pytest.mark.slow)],
+                         ids=["at_stage_boundary", "mid_stage"])
+def test_resume_after_kill_is_bitwise_identical(reference, tmp_path, launcher, kill_at):
     z, ref_run = reference
     run = tmp_path / "killed"
-    args = ["--config", RECIPE, f"run.dir={run}", f"dist.zero_stage={z}"]
-    # rank 1 SIGKILLs itself during step 6 (after the checkpoint at the stage boundary, step 4)
-    rc, out, seconds = launcher(args, env={"ANIMA_FT_FAULT": "kill:5:1"})
+    args = ["--config", RECIPE, f"run.dir={run}", *_zero_args(z)]
+    # rank 1 SIGKILLs itself while computing update kill_at + 1; the last complete checkpoint is step kill_at
+    rc, out, seconds = launcher(args, env={"ANIMA_FT_FAULT": f"kill:{kill_at}:1"})
     assert rc != 0, out[-3000:]
     assert seconds < 120, f"the surviving rank took {seconds:.0f} s to exit"
-    assert (run / "checkpoints" / "latest").read_text() == f"step_{STAGE1_END:08d}"
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{kill_at:08d}"
     rc, out, _ = launcher(args)
     assert rc == 0, out[-4000:]
-    assert "resumed from" in out
+    assert f"at step {kill_at}" in out
     ref, got = read_metrics(ref_run / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
     assert sorted(got) == sorted(ref)
     for s in ref:
         assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
         assert got[s]["grad_norm"] == ref[s]["grad_norm"], s
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        ema_ref = fp32_state_dict(ema_view(_ckpt(ref_run, TOTAL), Path(a)))
+        ema_got = fp32_state_dict(ema_view(_ckpt(run, TOTAL), Path(b)))
+    for k, v in ema_ref.items():
+        assert torch.equal(ema_got[k], v), k
+
+
+def test_ema_follows_the_recurrence_across_the_stage_boundary(reference, tmp_path):
+    """EMA_0 = W_0, EMA_t = d EMA_(t-1) + (1 - d) W_t, recomputed in float64 from every step's fp32 weights."""
+    _, run = reference
+    ema = {k: v.double() for k, v in build_anima(AnimaConfig.tiny(), seed=0).state_dict().items()}
+    for s in range(1, TOTAL + 1):
+        w = fp32_state_dict(_ckpt(run, s))
+        ema = {k: EMA_DECAY * ema[k] + (1 - EMA_DECAY) * w[k].double() for k in ema}
+    out = export_checkpoint(_ckpt(run, TOTAL), tmp_path / "ema.safetensors", ema=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = fp32_state_dict(ema_view(_ckpt(run, TOTAL), Path(tmp)))
+    for k, v in ema.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=0, atol=1e-6)
+    exported = load_anima(out).state_dict()
+    for k, v in got.items():
+        assert torch.equal(exported[k], v.to(torch.bfloat16)), k
+    assert not torch.equal(got["blocks.0.mlp.layer1.weight"], w["blocks.0.mlp.layer1.weight"])
