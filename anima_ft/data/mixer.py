@@ -77,11 +77,14 @@ class _RankStream(IterableDataset):
         i, skip = 0, self.micro
         try:
             while True:
-                plans = planner.next_global_batch()
+                mine = []  # indices j of this worker's share of this rank's micro-batches, in accumulation order
                 for a in range(skip, planner.A):
                     if i % num_workers == worker:
-                        yield self._load(plans[a * planner.W + self.rank], planner, reader)
+                        mine.append(a * planner.W + self.rank)
                     i += 1
+                plans = planner.next_global_batch(materialize=mine)
+                for j in mine:
+                    yield self._load(plans[j], planner, reader)
                 skip = 0
         finally:
             reader.close()
@@ -160,7 +163,7 @@ class MixedStream:
         self._seen.update(batch["source"])
         self._micro += 1
         if self._micro == self._planner.A:
-            self._planner.next_global_batch()
+            self._planner.next_global_batch(materialize=())  # advance only: the batches came from _RankStream
             self._micro = 0
             if self._pending is not None:
                 self._planner.set_weights(self._pending)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,15 +117,10 @@ class MixPlanner:
         self._perms[(source, bucket)] = (epoch, perm)
         return perm
 
-    def _draw(self, source: int, bucket: Bucket) -> tuple[int, int, int, int]:
-        cursor = self.cursors.setdefault((source, bucket), [0, 0])
-        order = self.order(source, bucket, cursor[0])
-        if cursor[1] >= len(order):
-            cursor[0], cursor[1] = cursor[0] + 1, 0
-            order = self.order(source, bucket, cursor[0])
-        out = (source, int(order[cursor[1]]), cursor[0], cursor[1])
-        cursor[1] += 1
-        return out
+    def _at(self, source: int, bucket: Bucket, q: int) -> tuple[int, int, int, int]:
+        """The slot drawn at absolute position ``q = epoch * n + position`` of the pair's stream."""
+        epoch, position = divmod(q, len(self.catalog.by_bucket[source][bucket]))
+        return source, int(self.order(source, bucket, epoch)[position]), epoch, position
 
     def following(self, source: int, bucket: Bucket, epoch: int, position: int):
         """Sample ids after ``(epoch, position)`` in the pair's order up to the end of the next epoch (so every
@@ -146,23 +142,51 @@ class MixPlanner:
             self._cdfs[key] = cdf
         return cdf
 
-    def next_global_batch(self) -> list[MicroBatchPlan]:
-        """Plan the next global batch (all ranks, all accumulation steps) and advance the state."""
-        num_micro = self.A * self.W
+    def next_global_batch(self, materialize: Iterable[int] | None = None) -> list[MicroBatchPlan | None]:
+        """Plan the next global batch (all ranks, all accumulation steps) and advance the state.
+
+        Returns the ``A * W`` plans in micro-batch order; with ``materialize`` only those indices j get a plan (the
+        others are None): the counts, buckets and cursor moves of every micro-batch are computed with array
+        operations, so a rank pays per sample only for its own micro-batches, whatever the world size.
+        """
+        num_micro, num_sources = self.A * self.W, len(self.weights)
         counts, self.carry = split_counts(self.weights, self.carry, self.M * num_micro)
-        labels = sorted((((k + 0.5) / n, s) for s, n in enumerate(counts) for k in range(n)))
-        chunks = [[s for _, s in labels[i * self.M : (i + 1) * self.M]] for i in range(num_micro)]
+        positions = np.concatenate([(np.arange(n) + 0.5) / n for n in counts if n])
+        sources = np.concatenate([np.full(n, s) for s, n in enumerate(counts) if n])
+        labels = sources[np.lexsort((sources, positions))]  # evenly interleaved, ties to the earlier source
+        chunks = labels.reshape(num_micro, self.M)
         rng = np.random.default_rng([self.seed, 0x57E9, self.step])
-        order = rng.permutation(num_micro)
+        chunks = chunks[rng.permutation(num_micro)]  # chunks[j]: the sources of micro-batch j's slots
         u_bucket = rng.random(num_micro)
-        drops = (rng.random((num_micro, self.M)) < self.caption_dropout).tolist()
-        plans = []
-        for j in range(num_micro):
-            chunk = chunks[order[j]]
-            cdf = self._bucket_cdf(frozenset(chunk))
-            bucket = self.buckets[min(int(np.searchsorted(cdf, u_bucket[j], side="right")), len(cdf) - 1)]
-            samples = [self._draw(s, bucket) for s in chunk]
-            plans.append(MicroBatchPlan(self.step, j, bucket, samples, drops[j]))
+        drops = rng.random((num_micro, self.M)) < self.caption_dropout
+        comp = np.stack([(chunks == s).sum(1) for s in range(num_sources)], axis=1)  # [num_micro, S]
+        needed = (comp > 0) @ (1 << np.arange(num_sources))  # bit mask of the sources each chunk needs
+        bucket_idx = np.empty(num_micro, dtype=np.int64)
+        for mask in np.unique(needed):
+            rows = needed == mask
+            cdf = self._bucket_cdf(frozenset(s for s in range(num_sources) if mask >> s & 1))
+            bucket_idx[rows] = np.minimum(np.searchsorted(cdf, u_bucket[rows], side="right"), len(cdf) - 1)
+        # start[j, s]: absolute position in the (s, bucket_j) stream where chunk j's draws begin
+        start = np.zeros((num_micro, num_sources), dtype=np.int64)
+        for b in np.unique(bucket_idx):
+            rows, bucket = bucket_idx == b, self.buckets[b]
+            for s in range(num_sources):
+                taken = comp[rows, s]
+                if not taken.any():
+                    continue
+                cursor = self.cursors.setdefault((s, bucket), [0, 0])
+                q0 = cursor[0] * len(self.catalog.by_bucket[s][bucket]) + cursor[1]
+                start[rows, s] = q0 + np.cumsum(taken) - taken
+                cursor[0], cursor[1] = divmod(q0 + int(taken.sum()), len(self.catalog.by_bucket[s][bucket]))
+        wanted = range(num_micro) if materialize is None else materialize
+        plans: list[MicroBatchPlan | None] = [None] * num_micro
+        for j in wanted:
+            bucket, seen = self.buckets[bucket_idx[j]], [0] * num_sources
+            samples = []
+            for s in chunks[j].tolist():
+                samples.append(self._at(s, bucket, int(start[j, s]) + seen[s]))
+                seen[s] += 1
+            plans[j] = MicroBatchPlan(self.step, j, bucket, samples, drops[j].tolist())
         self.step += 1
         return plans
 

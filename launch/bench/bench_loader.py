@@ -60,12 +60,13 @@ def measure(sources: list[SourceSpec], batches: int, micro: int, workers: int) -
 
 
 def plan_cost_us(sources: list[SourceSpec], micro: int, steps: int = 2000, world: int = 8) -> float:
-    """Microseconds of planning per sample (a world of 8 ranks: every rank plans every rank's micro-batches)."""
+    """Microseconds of planning per sample a rank loads, in a world of 8 ranks (each rank plans the whole global
+    batch's counts, buckets and cursor moves, and materializes only its own micro-batch)."""
     catalog = build_catalog(sources)
     planner = MixPlanner(catalog, {s.name: s.weight for s in sources}, micro, 1, world, seed=0)
     start = time.perf_counter()
     for _ in range(steps):
-        planner.next_global_batch()
+        planner.next_global_batch(materialize=[0])
     return (time.perf_counter() - start) / (steps * micro) * 1e6  # per sample this rank loads
 
 
