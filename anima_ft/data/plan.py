@@ -18,6 +18,9 @@ each consumer then loads only its own micro-batches. For global batch ``g`` with
 4. **Samples.** Each (source, bucket) pair walks its own permutation of its samples, reshuffled per epoch from
    ``(seed, source name, bucket, epoch)``; every epoch of a pair uses each of its samples exactly once.
 5. **Caption dropout** flags are drawn per slot from ``(seed, g)``.
+
+Steps 1-4 run as array operations over all micro-batches; only the micro-batches a consumer asks for get their
+sample ids, so a rank's planning cost per sample it loads does not grow with the world size.
 """
 
 from __future__ import annotations

@@ -112,3 +112,17 @@ def test_mix_holds_within_every_bucket(tmp_path):
     for bucket, counts in per_bucket.items():
         share = counts[1] / (counts[0] + counts[1])
         assert abs(share - 0.3) < 0.02, f"bucket {bucket}: replay share {share:.3f}"
+
+
+def test_materializing_a_subset_gives_the_same_plans_and_state(two_sources):
+    """What a rank computes (only its own micro-batches) equals the full plan, and the states stay equal."""
+    target_dir, replay_dir, _ = two_sources
+    cat = build_catalog([SourceSpec("target", str(target_dir)), SourceSpec("replay", str(replay_dir))])
+    full = MixPlanner(cat, {"target": 0.6, "replay": 0.4}, 3, 2, 4, seed=1, caption_dropout=0.5)
+    part = MixPlanner(cat, {"target": 0.6, "replay": 0.4}, 3, 2, 4, seed=1, caption_dropout=0.5)
+    for step in range(25):
+        mine = [a * 4 + step % 4 for a in range(2)]
+        want, got = full.next_global_batch(), part.next_global_batch(materialize=mine)
+        assert [got[j] for j in mine] == [want[j] for j in mine]
+        assert all(got[j] is None for j in range(8) if j not in mine)
+        assert part.state_dict() == full.state_dict()
