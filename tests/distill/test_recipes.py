@@ -39,3 +39,14 @@ def test_recipe_loads_and_validates(path):
 def test_unknown_distill_key_is_rejected():
     with pytest.raises(ValueError, match="did you mean 'distill.adapter_source'"):
         check_keys({"distill": {"adapter_sources": "own"}}, ConfigWithDistill)
+
+
+def test_distill_config_imports_without_the_config_package():
+    """The schema can import DistillConfig: anima_ft.distill.config pulls in neither the objective nor the schema."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from anima_ft.distill.config import DistillConfig; "
+            "bad = [m for m in ('anima_ft.config', 'anima_ft.distill.objective', 'torch') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
