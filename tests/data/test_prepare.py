@@ -217,6 +217,7 @@ def test_end_to_end_real_tiny_encoders(image_folder, long_caption_folder, tmp_pa
     assert batch["qwen_states"].shape[2] == text.hidden_size and batch["latents"].shape[1] == 16
 
 
+@pytest.mark.slow  # loads the real tokenizers a second time; the library path is covered by the test above
 def test_cli_with_tiny_encoders(image_folder, long_caption_folder, tmp_path, tokenizer_dir):
     """`anima-ft prepare --tiny-encoders 0` writes the same shards the library call does."""
     from anima_ft.cli import main
