@@ -32,6 +32,7 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_bad_batch_arithmetic_fails_on_every_rank_before_work(tmp_path):
     rc, out, seconds = launch(["--config", TINY, f"run.dir={tmp_path / 'run'}", "batch.global_batch_size=6"],
