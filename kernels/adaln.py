@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, check_device, next_pow2
+from kernels import reference
+from kernels._common import INTERPRET, check_device, next_pow2, warn_once
 
 
 @triton.jit
@@ -210,8 +211,12 @@ def modulated_layer_norm(
 ) -> torch.Tensor:
     """``LayerNorm(x, no affine) * (1 + scale) + shift`` in fp32, in ``x.dtype``; Triton forward and backward.
 
-    Same semantics as ``kernels.reference.modulated_layer_norm``; gradients for x, shift and scale.
+    Same semantics as ``kernels.reference.modulated_layer_norm``; gradients for x, shift and scale. float64 inputs
+    run the reference (warned once).
     """
+    if x_B_L_C.dtype == torch.float64:
+        warn_once("modulated_layer_norm: float64 inputs run the plain-PyTorch reference (kernels cover fp16/bf16/fp32)")
+        return reference.modulated_layer_norm(x_B_L_C, shift_B_1_C, scale_B_1_C, eps)
     _check_x(x_B_L_C, "x_B_L_C")
     B, _, C = x_B_L_C.shape
     check_device(x_B_L_C, shift_B_1_C, scale_B_1_C)
@@ -234,6 +239,11 @@ def gated_residual_modulated_layer_norm(
     ``x_new = x + gate * y`` (computed in fp32, rounded once) and ``h = modulated_layer_norm(x_new, shift, scale)``;
     same semantics as ``kernels.reference.gated_residual_modulated_layer_norm``. Gradients for every tensor input.
     """
+    if x_B_L_C.dtype == torch.float64:
+        warn_once("gated_residual_modulated_layer_norm: float64 inputs run the plain-PyTorch reference (kernels "
+                  "cover fp16/bf16/fp32)")
+        return reference.gated_residual_modulated_layer_norm(x_B_L_C, gate_B_1_C, y_B_L_C, shift_B_1_C, scale_B_1_C,
+                                                             eps)
     _check_x(x_B_L_C, "x_B_L_C")
     if y_B_L_C.shape != x_B_L_C.shape:
         raise ValueError(f"y_B_L_C must have the shape of x {list(x_B_L_C.shape)}, got {list(y_B_L_C.shape)}")

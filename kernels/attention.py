@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import check_device, last_dim_contiguous
+from kernels import reference
+from kernels._common import check_device, last_dim_contiguous, warn_once
 from kernels.flash import flash_backward, flash_forward
 from kernels.qk_prologue import norm_rope_backward, norm_rope_forward
 
@@ -97,7 +98,7 @@ def qk_norm_rope_attention(
     Same arguments and result as ``kernels.reference.qk_norm_rope_attention`` (minus ``use_sdpa``): returns
     ``[B, Lq, H, D]`` (contiguous) in ``q``'s dtype; a query row whose keys are all masked gives exactly 0.
     Differentiable in q, k, v and both norm weights. Inputs may be strided views as long as the head dim is
-    contiguous (e.g. ``qkv.view(B, L, 3, H, D).unbind(2)``).
+    contiguous (e.g. ``qkv.view(B, L, 3, H, D).unbind(2)``). float64 inputs run the reference (warned once).
     """
     q, k, v = q_B_Lq_H_D, k_B_Lk_H_D, v_B_Lk_H_D
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -108,6 +109,11 @@ def qk_norm_rope_attention(
     if k.shape != (B, Lk, H, D) or v.shape != k.shape:
         raise ValueError(f"k and v must be [B={B}, Lk, H={H}, D={D}] with equal Lk; got {list(k.shape)} and "
                          f"{list(v.shape)}")
+    if q.dtype == k.dtype == v.dtype == torch.float64:
+        warn_once("qk_norm_rope_attention: float64 inputs run the plain-PyTorch reference (the Triton kernels "
+                  "cover fp16/bf16/fp32)")
+        return reference.qk_norm_rope_attention(q, k, v, q_norm_weight, k_norm_weight, rope_q=rope_q, rope_k=rope_k,
+                                                key_mask_B_Lk=key_mask_B_Lk, eps=eps, use_sdpa=False)
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         raise ValueError(f"q, k, v must share one dtype out of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
     for w, name in ((q_norm_weight, "q_norm_weight"), (k_norm_weight, "k_norm_weight")):

@@ -106,3 +106,23 @@ def test_bad_shapes_raise(bad, device):
     else:
         with pytest.raises(ValueError, match="x_B_L_C"):
             modulated_layer_norm(x[0], vec, vec)
+
+
+def test_float64_falls_back_to_reference_with_one_warning(device, caplog, monkeypatch):
+    import kernels._common
+
+    monkeypatch.setattr(kernels._common, "_warned", set())  # warn-once state must not leak between tests
+    from kernels.adaln import gated_residual_modulated_layer_norm, modulated_layer_norm
+
+    g = torch.Generator().manual_seed(6)
+    x, y = (torch.randn(2, 5, 16, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    gate, shift, scale = (v.to(device) for v in _vectors(2, 16, g, 3))
+    with caplog.at_level("WARNING", logger="kernels"):
+        for _ in range(2):
+            h = modulated_layer_norm(x, shift, scale)
+            pair = gated_residual_modulated_layer_norm(x, gate, y, shift, scale)
+    assert torch.equal(h, reference.modulated_layer_norm(x, shift, scale))
+    for a, e in zip(pair, reference.gated_residual_modulated_layer_norm(x, gate, y, shift, scale)):
+        assert torch.equal(a, e)
+    msgs = [r.getMessage() for r in caplog.records if "float64" in r.getMessage()]
+    assert len(msgs) == 2, msgs  # one per function, not one per call

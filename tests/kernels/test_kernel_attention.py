@@ -174,6 +174,7 @@ def test_prologue_matches_rmsnorm_then_rope(device):
         ("rope", "rope_q cos"),
         ("mask", "key_mask_B_Lk"),
         ("dtype", "share one dtype"),
+        ("half_double", "share one dtype"),
         ("kv", "k and v"),
     ],
 )
@@ -193,7 +194,25 @@ def test_bad_inputs_raise(change, match, device):
         kwargs["key_mask_B_Lk"] = torch.ones(1, 4, dtype=torch.bool, device=device)
     elif change == "dtype":
         v = v.double()
+    elif change == "half_double":
+        q, k = q.double(), k.double()
     elif change == "kv":
         v = torch.randn(1, 6, 2, 16, device=device)
     with pytest.raises(ValueError, match=match):
         qk_norm_rope_attention(q, k, v, w_q, w, **kwargs)
+
+
+def test_float64_falls_back_to_reference(device, caplog, monkeypatch):
+    import kernels._common
+
+    monkeypatch.setattr(kernels._common, "_warned", set())  # warn-once state must not leak between tests
+    from kernels.attention import qk_norm_rope_attention
+
+    tensors, kwargs = _inputs(2, 5, 6, 2, 16, "separate", "one_empty_row", seed=17)
+    tensors = [t.to(device) for t in tensors]
+    kwargs = {k: (None if v is None else tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device))
+              for k, v in kwargs.items()}
+    with caplog.at_level("WARNING", logger="kernels"):
+        out = qk_norm_rope_attention(*tensors, **kwargs)
+    assert torch.equal(out, reference.qk_norm_rope_attention(*tensors, use_sdpa=False, **kwargs))
+    assert any("float64" in r.getMessage() for r in caplog.records)
