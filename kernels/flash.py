@@ -15,8 +15,9 @@ Backward with ``delta_i = o_i . do_i`` and ``dS_ij = p_ij (do_i . v_j - delta_i)
 
     dv_j = sum_i p_ij do_i,     dk_j = sum_i dS_ij q_i / sqrt(D),     dq_i = sum_j dS_ij k_j / sqrt(D)
 
-Two kernels recompute ``p`` (one per key tile for dk/dv, one per query tile for dq), so no atomics are needed;
-dq and dk are written in fp32 because the RMSNorm/RoPE backward consumes them next.
+By default two kernels recompute ``p`` (one per key tile for dk/dv, one per query tile for dq): no atomics, a
+deterministic result. With ``ATOMIC_DQ = True`` the dk/dv kernel also adds ``dS^T k`` into dq with fp32 atomics
+(two fewer matmuls per tile pair). dq and dk are written in fp32 because the RMSNorm/RoPE backward consumes them.
 """
 
 from __future__ import annotations
