@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is first compiled: set it before any test imports a kernel, so CPU runs
+# always use the interpreter whatever the collection order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZERS = REPO_ROOT.parent / "shared" / "assets" / "tokenizers"
