@@ -35,7 +35,7 @@ def compute_loss(model, batch: dict, generator: torch.Generator, cfg: ObjectiveC
     batch["latents"]: [B,16,h,w] normalized latents (images: T = 1 is inserted). Returns float32 losses.
     """
     param = next(p for p in model.parameters())
-    device, dtype = param.device, param.dtype if param.dtype != torch.float32 else torch.float32
+    device, dtype = param.device, param.dtype  # bf16 under DeepSpeed bf16; the loss itself is float32
     x_0 = batch["latents"].to(device=device, dtype=torch.float32).unsqueeze(2)  # [B,16,1,h,w]
     B = x_0.shape[0]
     noise = torch.randn(x_0.shape, generator=generator).to(device)

@@ -35,8 +35,11 @@ def group_of(name: str) -> str:
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether weight decay applies: not for norms, embeddings (patch/timestep/token) or 1-D tensors (biases)."""
-    return param.ndim >= 2 and not _NO_DECAY.search(name)
+    """Whether weight decay applies: not for norms, embeddings (patch/timestep/token) or 1-D tensors (biases).
+
+    Uses the full shape (``ds_shape``) of ZeRO-3 partitioned parameters, whose local ``.data`` is flat.
+    """
+    return len(getattr(param, "ds_shape", param.shape)) >= 2 and not _NO_DECAY.search(name)
 
 
 def group_key(group: str, decay: bool) -> str:

@@ -68,6 +68,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         if cfg.run.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.stages = build_stages(cfg)
         self.total = total_steps(self.stages)
@@ -167,7 +168,8 @@ class Trainer:
             lrs = stage.lrs(step)
             set_lrs(self.engine, lrs)
             skipped_before = self.engine.skipped_steps
-            sums = torch.zeros(2 * n_src + 2, dtype=torch.float64)  # [loss sum per source, count per source, sig, due]
+            # on device: [loss sum per source, sample count per source, stop signal, timed-save vote]
+            sums = torch.zeros(2 * n_src + 2, dtype=torch.float64, device=env.device)
             tokens = 0
             for micro in range(accum):
                 batch = next(it)
@@ -176,14 +178,15 @@ class Trainer:
                                    cfg.objective)
                 self.engine.backward(out.loss)
                 self.engine.step()
-                src = batch["source_id"].cpu()
-                sums[:n_src].index_add_(0, src, out.per_sample.double().cpu())
+                src = batch["source_id"].to(env.device)
+                sums[:n_src].index_add_(0, src, out.per_sample.double())
                 sums[n_src:2 * n_src].index_add_(0, src, torch.ones_like(src, dtype=torch.float64))
                 tokens += self._tokens_per_sample(batch) * len(src)
-            sums[-2] = self._stop_signal
+            sums[-2] = float(self._stop_signal)
             due = cfg.checkpoint.every_minutes > 0 and time.monotonic() - self._last_save > 60 * cfg.checkpoint.every_minutes
             sums[-1] = float(due and env.rank == 0)
-            dist.all_reduce(sums)  # gloo works on CPU tensors; for nccl this moves to the device
+            dist.all_reduce(sums)
+            sums = sums.cpu()  # the one host sync per step: every rank must agree on skip / save / stop
             self.state["step"] = step = step + 1
             n_samples = int(sums[n_src:2 * n_src].sum().item())
             self.state["samples_seen"] += n_samples

@@ -55,6 +55,9 @@ def test_no_decay_for_norms_embeddings_biases(tiny):
     assert not decays("llm_adapter.embed.weight", params["llm_adapter.embed.weight"])
     assert not decays("llm_adapter.blocks.0.mlp.0.bias", params["llm_adapter.blocks.0.mlp.0.bias"])
     assert decays("blocks.0.mlp.layer1.weight", params["blocks.0.mlp.layer1.weight"])
+    partitioned = torch.nn.Parameter(torch.empty(0))  # a ZeRO-3 shard: flat local data, full shape in ds_shape
+    partitioned.ds_shape = torch.Size([8, 4])
+    assert decays("blocks.0.mlp.layer1.weight", partitioned)
 
 
 def test_frozen_group_gets_no_grad_and_no_optimizer_entry(tiny):
