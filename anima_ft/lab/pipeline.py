@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from anima_ft.lab import text_stack
@@ -93,11 +94,11 @@ def _free_port() -> int:
 
 
 def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: int, probe_sets: dict[str, Path],
-                    probe_args: list[str], export_path: Path, reuse: bool = False) -> float:
+                    probe_args: list[str], export_path: Path, reuse: bool = False) -> float | None:
     """``deepspeed --num_gpus nproc anima_ft/lab/train_entry.py ...`` into a fresh ``run_dir``, then ``anima-ft
     export`` of its last checkpoint to ``export_path``; returns seconds.
 
-    ``reuse=True`` skips the run (returns 0.0) when ``run_dir/done.json`` records the same command and recipe text.
+    ``reuse=True`` skips the run (returns None) when ``run_dir/done.json`` records the same command and recipe text.
 
     The launcher's output goes to ``run_dir/train.log``; a failed run raises RuntimeError with the log's tail.
     """
@@ -112,7 +113,7 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
     done = run_dir / "done.json"
     if reuse and done.exists() and done.read_text() == record and export_path.exists():
         logger.info("reusing finished run %s (same command and recipe)", run_dir)
-        return 0.0
+        return None
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -178,9 +179,27 @@ def read_drift_kinds(path: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def make_grids(checkpoints: dict[str, Path], data_dir: Path, out_dir: Path, seed: int, per_class: int,
-               num_steps: int, guidance: float, image_size: int) -> dict[str, str]:
-    """A sample grid per checkpoint plus the codec round trip of real probe images: ``{title: png path}``."""
+def _png_batch(paths: list[Path]) -> torch.Tensor:
+    from PIL import Image
+
+    return torch.from_numpy(pixels_from_images([Image.open(p) for p in paths]))
+
+
+def _label(path: Path) -> int:
+    return int(path.name[len("digit")])  # keys are digit<label>_<index>
+
+
+def make_grids(checkpoints: dict[str, Path], data_dir: Path, out_dir: Path, seed: int, target: tuple[int, ...],
+               per_class: int, scored_per_class: int, num_steps: int, guidance: float) -> dict:
+    """Sample ``scored_per_class`` images per digit from every checkpoint, score them with the digit classifier,
+    and save grids of the first ``per_class`` (plus the codec round trip of real probe images).
+
+    Writes ``out_dir/sample_accuracy.csv`` (checkpoint, prompts, accuracy, num_samples) and returns
+    ``{"grids": {title: png path}, "accuracy": {checkpoint: {"target": acc, "replay": acc, "n_target": n,
+    "n_replay": n}}}``; the checkpoint
+    ``real probe images`` is the classifier's accuracy on held-out real images after the codec round trip.
+    """
+    from anima_ft.lab.classify import DigitClassifier
     from anima_ft.lab.digits import caption_for
     from anima_ft.lab.grids import sample_digits, save_grid
     from anima_ft.model import load_anima
@@ -189,21 +208,38 @@ def make_grids(checkpoints: dict[str, Path], data_dir: Path, out_dir: Path, seed
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # nothing else runs now: use every core
     codec = PCAPatchCodec.load(data_dir / "codec.safetensors")
     text = build_text_encoder(seed)
-    captions = [caption_for(label, 0) for label in range(10)]
-    labels = [str(label) for label in range(10)]
-    grids = {}
-    real = sorted((data_dir / "images").glob("*_probe/*.png"))
-    by_class = [[p for p in real if p.name.startswith(f"digit{label}_")][:per_class] for label in range(10)]
-    if all(len(row) == per_class for row in by_class):
-        from PIL import Image
+    train = sorted((data_dir / "images").glob("*_train/*.png"))
+    classifier = DigitClassifier(_png_batch(train), [_label(p) for p in train])
+    labels = list(range(10))
+    groups = {"target": [c for c in labels if c in target], "replay": [c for c in labels if c not in target]}
 
-        px = torch.from_numpy(pixels_from_images([Image.open(p) for row in by_class for p in row]))
-        recon = codec.decode(codec.encode(px)).clamp(-1, 1).view(10, per_class, 3, image_size, image_size)
-        grids["real probe images (codec round trip)"] = str(save_grid(recon, out_dir / "real.png", labels))
+    def score(images_10_n: torch.Tensor) -> dict[str, float]:
+        n = images_10_n.shape[1]
+        pred = classifier.predict(images_10_n.flatten(0, 1)).reshape(10, n)
+        out = {g: float(np.mean([pred[c] == c for c in cs])) for g, cs in groups.items()}
+        return {**out, **{f"n_{g}": n * len(cs) for g, cs in groups.items()}}
+
+    grids, accuracy = {}, {}
+    probe = sorted((data_dir / "images").glob("*_probe/*.png"))
+    by_class = [[p for p in probe if _label(p) == c] for c in labels]
+    n_real = min(len(row) for row in by_class)
+    real = codec.decode(codec.encode(_png_batch([p for row in by_class for p in row[:n_real]]))).clamp(-1, 1)
+    real = real.view(10, n_real, *real.shape[1:])
+    accuracy["real probe images"] = score(real)
+    grids["real probe images (codec round trip)"] = str(save_grid(real[:, :per_class], out_dir / "real.png",
+                                                                  [str(c) for c in labels]))
+    captions = [caption_for(c, 0) for c in labels]
     for name, path in checkpoints.items():
         model = load_anima(str(path), dtype=torch.float32)
-        images = sample_digits(model, text, codec, captions, per_class, image_size // codec.patch, seed=seed,
-                               num_steps=num_steps, guidance_scale=guidance)
-        grids[f"{name}: samples for 'a handwritten digit <row>'"] = str(save_grid(images, out_dir / f"{name}.png",
-                                                                                   labels))
-    return grids
+        images = sample_digits(model, text, codec, captions, scored_per_class, real.shape[-1] // codec.patch,
+                               seed=seed, num_steps=num_steps, guidance_scale=guidance)
+        accuracy[name] = score(images)
+        grids[f"{name}: samples for 'a handwritten digit <row>'"] = str(
+            save_grid(images[:, :per_class], out_dir / f"{name}.png", [str(c) for c in labels]))
+    with open(out_dir / "sample_accuracy.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["checkpoint", "prompts", "accuracy", "num_samples"])
+        for name, acc in accuracy.items():
+            for g in groups:
+                w.writerow([name, g, repr(acc[g]), acc[f"n_{g}"]])
+    return {"grids": grids, "accuracy": accuracy}

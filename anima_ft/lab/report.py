@@ -181,6 +181,32 @@ def interpretation(variants: list[VariantResult], held_out: str, target: str, ba
     return out
 
 
+def accuracy_table(acc: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown: one row per checkpoint, sample accuracy for target-class and replay-class prompts."""
+    def cell(a: dict, g: str) -> str:
+        n = a[f"n_{g}"]
+        return f"{100 * a[g]:.1f}% ({round(a[g] * n)}/{n})"
+
+    lines = ["| images | target-class prompts | replay-class prompts |", "|---|---|---|"]
+    lines += [f"| {name} | {cell(a, 'target')} | {cell(a, 'replay')} |" for name, a in acc.items()]
+    return lines
+
+
+def sample_sentences(acc: dict[str, dict[str, float]], names: list[str]) -> list[str]:
+    """One sentence per variant: classifier accuracy of its samples against the base model's, per prompt group."""
+    if "base" not in acc:
+        return []
+    b = acc["base"]
+    out = []
+    for name in names:
+        if name in acc:
+            a = acc[name]
+            out.append(f"- **{name}** samples: the digit classifier reads {100 * a['replay']:.1f}% of replay-class "
+                       f"prompts' samples as the prompted digit (base model: {100 * b['replay']:.1f}%) and "
+                       f"{100 * a['target']:.1f}% for target-class prompts (base: {100 * b['target']:.1f}%).")
+    return out
+
+
 def write_report(out_dir: Path, variants: list[VariantResult], meta: dict) -> Path:
     """Write ``report.md``, ``forgetting.png`` and ``drift.png`` into ``out_dir``; returns the report path.
 
@@ -202,7 +228,8 @@ def write_report(out_dir: Path, variants: list[VariantResult], meta: dict) -> Pa
         for name, err in meta["failed"].items():
             lines += [f"- **{name}**:", "", "```", err.strip()[-1500:], "```", ""]
     lines += ["## What the numbers say", ""]
-    lines += interpretation(variants, meta["held_out"], meta["target"], meta["baseline"]) + [""]
+    lines += interpretation(variants, meta["held_out"], meta["target"], meta["baseline"])
+    lines += sample_sentences(meta.get("sample_accuracy", {}), [v.name for v in variants]) + [""]
     lines += ["## Forgetting curves", "", "![forgetting curves](forgetting.png)", ""]
     lines += ["## Probe loss per variant (start = the base model, end = the last step)", ""]
     for v in variants:
@@ -212,11 +239,16 @@ def write_report(out_dir: Path, variants: list[VariantResult], meta: dict) -> Pa
     lines += drift_table(variants, meta["drift_groups"]) + ["", "![drift](drift.png)", ""]
     if meta.get("grids"):
         lines += ["## Samples (decoded by the PCA patch codec)", ""]
+        if meta.get("sample_accuracy"):
+            lines += ["Share of samples that a digit classifier (logistic regression on 8x8 ink maps, fitted on the "
+                      "training images) reads as the prompted digit; chance is 10%. The first row is the same "
+                      "classifier on held-out real images after the codec round trip.", ""]
+            lines += accuracy_table(meta["sample_accuracy"]) + [""]
         for title, rel in meta["grids"].items():
             lines += [f"**{title}**", "", f"![{title}]({rel})", ""]
     if meta.get("timings"):
         lines += ["## Timings", "", "| step | seconds |", "|---|---|"]
-        lines += [f"| {k} | {s:.1f} |" for k, s in meta["timings"].items()] + [""]
+        lines += [f"| {k} | {'reused' if s is None else f'{s:.1f}'} |" for k, s in meta["timings"].items()] + [""]
     if meta.get("configs"):
         lines += ["## Resolved configs", "", "Each run's full resolved training config (defaults < recipe < the lab's "
                   "overrides), as the trainer wrote it into its run directory.", ""]

@@ -36,9 +36,9 @@ VARIANTS = {
 }
 HELD_OUT, TARGET = "replay_classes", "target_classes"
 FULL = {"pretrain_steps": 400, "finetune_steps": 150, "probe_every": 25, "probe_per_class": 6,
-        "max_train_per_class": 0, "grid_per_class": 4, "grid_steps": 16}
+        "max_train_per_class": 0, "grid_per_class": 4, "scored_per_class": 10, "grid_steps": 16}
 QUICK = {"pretrain_steps": 60, "finetune_steps": 20, "probe_every": 10, "probe_per_class": 3,
-         "max_train_per_class": 40, "grid_per_class": 2, "grid_steps": 6}
+         "max_train_per_class": 40, "grid_per_class": 2, "scored_per_class": 3, "grid_steps": 6}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
             continue
         timings[f"fine-tune {name} (deepspeed, with probe)"] = seconds
         results.append(variant_from_probe(name, description, out / f"ft_{name}" / "probe.jsonl"))
-        results[-1].train_seconds = seconds
+        results[-1].train_seconds = seconds or 0.0
         configs[name] = f"ft_{name}/config.yaml"
 
     if not results:
@@ -148,8 +148,9 @@ def main(argv: list[str]) -> int:
         v.drift = drift[v.name]
     timings["drift"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    grids = pipeline.make_grids({"base": base, **finals}, out / "data", out / "grids", args.seed,
-                                preset["grid_per_class"], preset["grid_steps"], 3.0, 32)
+    samples = pipeline.make_grids({"base": base, **finals}, out / "data", out / "grids", args.seed, target,
+                                  preset["grid_per_class"], preset["scored_per_class"], preset["grid_steps"], 3.0)
+    grids = samples["grids"]
     timings["sample grids"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
@@ -175,7 +176,7 @@ def main(argv: list[str]) -> int:
     meta = {"seed": args.seed, "sigmas": first_probe["sigmas"], "num_noises": first_probe["num_noises"], "held_out": HELD_OUT, "target": TARGET, "baseline": "no_replay",
             "drift_groups": ["llm_adapter", "adapter_blocks", "adapter_embed", "dit", *pipeline.DIT_KINDS], "setup": setup, "timings": timings,
             "grids": {k: str(Path(p).relative_to(out)) for k, p in grids.items()}, "configs": configs,
-            "failed": failed}
+            "failed": failed, "sample_accuracy": samples["accuracy"]}
     summary = {"meta": meta, "settings": preset, "data": data,
                "variants": {v.name: {"steps": v.steps, "curve": v.curve, "drift": v.drift} for v in results}}
     (out / "lab_summary.json").write_text(json.dumps(summary, indent=1))

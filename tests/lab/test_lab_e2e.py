@@ -124,6 +124,12 @@ def test_report_lists_seed_configs_and_pictures(lab_dir):
         assert (lab_dir / rel).stat().st_size > 1000, rel
     for variant in VARIANTS:
         assert f"ft_{variant}/config.yaml" in report and (lab_dir / f"ft_{variant}" / "config.yaml").exists()
+    with open(lab_dir / "grids" / "sample_accuracy.csv", newline="") as fh:
+        acc = {(r["checkpoint"], r["prompts"]): (float(r["accuracy"]), int(r["num_samples"]))
+               for r in csv.DictReader(fh)}
+    for name in ("real probe images", "base", *VARIANTS):
+        cells = [f"{100 * a:.1f}% ({round(a * n)}/{n})" for a, n in (acc[(name, "target")], acc[(name, "replay")])]
+        assert f"| {name} | {cells[0]} | {cells[1]} |" in report
     summary = json.loads((lab_dir / "lab_summary.json").read_text())
     assert summary["meta"]["seed"] == 0 and not summary["meta"]["failed"]
 

@@ -129,3 +129,20 @@ def test_report_numbers_follow_the_formulas(tmp_path):
     # the mean row of no_replay's held-out table: start 1.5 (mean of 1, 2), end 2.25, +50%
     assert re.search(r"\| replay_classes \| \*\*mean\*\* \| 1\.5000 \| 2\.2500 \| \+0\.7500 \| \+50\.0% \|", report)
     assert "| replay25 | 0.0300 | 0.0100 |" in report
+
+
+def test_ink_map_and_classifier_reference():
+    from anima_ft.lab.classify import DigitClassifier, ink_8x8
+
+    paper, ink = torch.ones(1, 3, 32, 32), -torch.ones(1, 3, 32, 32)
+    assert np.allclose(ink_8x8(paper), 0.0) and np.allclose(ink_8x8(ink), 16.0)
+    half = torch.ones(1, 3, 16, 16)
+    half[..., :, :8] = -1  # left half ink: the left 4 columns of the 8x8 map are full ink
+    assert np.allclose(ink_8x8(half).reshape(8, 8), np.repeat([[16.0] * 4 + [0.0] * 4], 8, axis=0))
+    # the lab's images (upscaled digits) map back onto the original 8x8 scans up to the bicubic round trip
+    splits = load_digit_splits((0, 1, 2), probe_per_class=20, size=32, seed=0, max_train_per_class=60)
+    train = splits["target_train"] + splits["replay_train"]
+    probe = splits["target_probe"] + splits["replay_probe"]
+    clf = DigitClassifier(torch.from_numpy(pixels_from_images([s.image for s in train])), [s.label for s in train])
+    acc = clf.accuracy(torch.from_numpy(pixels_from_images([s.image for s in probe])), [s.label for s in probe])
+    assert acc > 0.85  # held-out real digits; chance is 0.1
