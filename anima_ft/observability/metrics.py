@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ class MetricsWriter:
         import wandb  # only when used
 
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         if mode == "online" and not os.environ.get("WANDB_API_KEY"):
             logger.warning("logging.wandb_mode=online but WANDB_API_KEY is not set; wandb may fail to log in")

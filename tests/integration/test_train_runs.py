@@ -122,3 +122,53 @@ def test_stage_rebuild_carries_optimizer_state_exactly(tmp_path, zero):
                          *common])
     assert rc == 0, out[-3000:]
     _assert_same_losses(read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl"))
+
+
+def _write_shards(out_dir, name: str, n: int) -> None:
+    """Tiny pre-encoded shards in the real format (qwen width 32 = the tiny adapter's source_dim)."""
+    import torch
+
+    from anima_ft.data import EncodedSample, ShardWriter, make_fingerprint
+
+    g = torch.Generator().manual_seed(len(name))
+    out_dir.mkdir(parents=True)
+    with ShardWriter(out_dir / f"{name}-0000.tar", make_fingerprint({"vae": "t"}, {"text": "t"})) as writer:
+        for i in range(n):
+            bucket = (64, 64) if i % 2 else (64, 48)  # (W, H) pixels -> latents [16, H/8, W/8]
+            latent = torch.randn(16, bucket[1] // 8, bucket[0] // 8, generator=g).to(torch.bfloat16)
+            qwen = torch.randn(3 + i % 4, 32, generator=g).to(torch.bfloat16)
+            t5 = torch.randint(2, 32000, (2 + i % 3,), generator=g, dtype=torch.int32)
+            meta = {"caption": f"{name} {i}", "source": name, "bucket": list(bucket)}
+            writer.add(EncodedSample(f"{name}_{i:04d}", latent, qwen, t5, meta))
+        writer.commit()
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_real_shards_replay_stage_and_resume(tmp_path):
+    """MixedStream over real shards: stage 2 raises the replay share; a kill -9 mid-run resumes bitwise."""
+    _write_shards(tmp_path / "target", "target", 24)
+    _write_shards(tmp_path / "replay", "replay", 24)
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text((REPO / "configs" / "tiny_cpu.yaml").read_text() + """
+stages:
+  - {name: target_only, num_steps: 3, lr: {llm_adapter: 0}, replay_fraction: 0.0}
+  - {name: with_replay, num_steps: 3, replay_fraction: 0.5}
+""")
+    sources = [f"data.sources=[{{name: target, shards: ['{tmp_path}/target/*.tar']}}, "
+               f"{{name: replay, shards: ['{tmp_path}/replay/*.tar']}}]", "checkpoint.every_steps=1"]
+    runs = {k: tmp_path / k for k in ("ref", "killed")}
+    rc, out, _ = launch(["--config", str(recipe), f"run.dir={runs['ref']}", *sources])
+    assert rc == 0, out[-4000:]
+    ref = read_metrics(runs["ref"] / "metrics.jsonl")
+    for s in (1, 2, 3):
+        assert "loss/replay" not in ref[s] and "loss/target" in ref[s]
+    for s in (4, 5, 6):
+        assert "loss/replay" in ref[s] and "loss/target" in ref[s]
+        assert ref[s]["loss"] == pytest.approx((ref[s]["loss/replay"] + ref[s]["loss/target"]) / 2, rel=1e-9)
+    args = ["--config", str(recipe), f"run.dir={runs['killed']}", *sources]
+    rc, out, _ = launch(args, env={"ANIMA_FT_FAULT": "kill:4:0"})
+    assert rc != 0
+    rc, out, _ = launch(args)
+    assert rc == 0, out[-4000:]
+    _assert_same_losses(read_metrics(runs["killed"] / "metrics.jsonl"), ref)

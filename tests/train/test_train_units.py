@@ -168,3 +168,20 @@ def test_wandb_not_imported_when_disabled(tmp_path):
         "assert 'wandb' not in sys.modules, 'wandb imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_wandb_offline_resumes_same_run_id(tmp_path):
+    code = (
+        "from anima_ft.observability import MetricsWriter; import pathlib; "
+        f"w = MetricsWriter(pathlib.Path({str(tmp_path)!r}), 0, 'offline', config={{'a': 1}}); "
+        "w.log(1, {'loss': 1.0}); print('RUNID', w._wandb.id); w.close()"
+    )
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    ids = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True,
+                             env=env, cwd=str(tmp_path)).stdout
+        ids.append(out.split("RUNID", 1)[1].split()[0])
+    assert ids[0] == ids[1] == (tmp_path / "wandb_id").read_text()
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 1
