@@ -201,9 +201,11 @@ def sample_sentences(acc: dict[str, dict[str, float]], names: list[str]) -> list
     for name in names:
         if name in acc:
             a = acc[name]
-            out.append(f"- **{name}** samples: the digit classifier reads {100 * a['replay']:.1f}% of replay-class "
-                       f"prompts' samples as the prompted digit (base model: {100 * b['replay']:.1f}%) and "
-                       f"{100 * a['target']:.1f}% for target-class prompts (base: {100 * b['target']:.1f}%).")
+            se = {g: 100 * math.sqrt(max(a[g] * (1 - a[g]), 1e-12) / a[f"n_{g}"]) for g in ("replay", "target")}
+            out.append(f"- **{name}** samples: the digit classifier reads {100 * a['replay']:.1f}% "
+                       f"(+- {se['replay']:.1f}, binomial s.e.) of replay-class prompts' samples as the prompted "
+                       f"digit (base model: {100 * b['replay']:.1f}%) and {100 * a['target']:.1f}% "
+                       f"(+- {se['target']:.1f}) for target-class prompts (base: {100 * b['target']:.1f}%).")
     return out
 
 

@@ -146,3 +146,14 @@ def test_ink_map_and_classifier_reference():
     clf = DigitClassifier(torch.from_numpy(pixels_from_images([s.image for s in train])), [s.label for s in train])
     acc = clf.accuracy(torch.from_numpy(pixels_from_images([s.image for s in probe])), [s.label for s in probe])
     assert acc > 0.85  # held-out real digits; chance is 0.1
+
+
+def test_sample_accuracy_table_and_sentences():
+    from anima_ft.lab.report import accuracy_table, sample_sentences
+
+    acc = {"base": {"target": 0.3, "replay": 0.2, "n_target": 30, "n_replay": 70},
+           "no_replay": {"target": 0.6, "replay": 0.1, "n_target": 30, "n_replay": 70}}
+    assert "| no_replay | 60.0% (18/30) | 10.0% (7/70) |" in accuracy_table(acc)
+    text = sample_sentences(acc, ["no_replay"])[0]
+    se = 100 * math.sqrt(0.1 * 0.9 / 70)
+    assert f"reads 10.0% (+- {se:.1f}, binomial s.e.)" in text and "(base model: 20.0%)" in text
