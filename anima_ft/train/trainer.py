@@ -143,6 +143,27 @@ class Trainer:
         p = self.model_cfg.patch_spatial
         return (h // p) * (w // p)
 
+    def _metrics_row(self, stage: int, lrs: dict, sums: torch.Tensor, rate: float, tokens_per_sample: float) -> dict:
+        """One metrics.jsonl row from the step's reduced sums ([loss sum, count] per source) and throughput."""
+        n_src, cfg, mc = len(self.sources), self.cfg, self.model_cfg
+        count = float(sums[n_src:2 * n_src].sum())
+        row = {"loss": float(sums[:n_src].sum()) / max(1.0, count), "stage": stage,
+               "samples_seen": self.state["samples_seen"], "nonfinite_total": self.state["nonfinite_total"],
+               "samples_per_s": rate, "tokens_per_s": rate * tokens_per_sample}
+        for i, name in enumerate(self.sources):
+            if sums[n_src + i] > 0:
+                row[f"loss/{name}"] = float(sums[i] / sums[n_src + i])
+        row.update({f"lr/{g}": v for g, v in lrs.items()})
+        norm = self.engine.get_global_grad_norm()
+        row["grad_norm"] = float(norm) if norm is not None else None
+        flops = train_flops_per_sample(self.num_params, int(tokens_per_sample), mc.num_blocks, mc.model_channels,
+                                       mc.context_tokens)
+        row["mfu"] = rate * flops / (self.env.world_size * cfg.logging.peak_tflops_per_device * 1e12)
+        peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+        row["peak_mem_gb"] = peak / 2**30
+        return row
+
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self) -> str:
         """Run to the last step; returns ``"done"`` or ``"preempted"`` (after saving, on SIGTERM / SIGUSR1)."""
@@ -156,7 +177,8 @@ class Trainer:
 
             bar = tqdm(total=self.total, initial=self.state["step"], desc="train", dynamic_ncols=True)
         it = iter(self.stream)
-        t_last, samples_last = time.perf_counter(), 0
+        t_last, samples_last = time.perf_counter(), self.state["samples_seen"]
+        row: dict = {}
         while self.state["step"] < self.total:
             step = self.state["step"]
             stage = stage_at(self.stages, step)
@@ -204,28 +226,12 @@ class Trainer:
                 self.state["nonfinite_in_row"] = 0
             if step % cfg.logging.every_steps == 0 or step == self.total or skipped:
                 now = time.perf_counter()
-                dt = max(now - t_last, 1e-9)
-                rate = (self.state["samples_seen"] - samples_last) / dt
-                row = {"loss": loss, "stage": stage.index, "samples_seen": self.state["samples_seen"],
-                       "nonfinite_total": self.state["nonfinite_total"], "samples_per_s": rate,
-                       "tokens_per_s": rate * tokens / max(1, n_samples // env.world_size) if n_samples else 0.0}
-                for i, name in enumerate(self.sources):
-                    c = sums[n_src + i].item()
-                    if c:
-                        row[f"loss/{name}"] = float(sums[i] / c)
-                row.update({f"lr/{g}": v for g, v in lrs.items()})
-                gn = self.engine.get_global_grad_norm()
-                row["grad_norm"] = float(gn) if gn is not None else None
-                flops = train_flops_per_sample(self.num_params, tokens // max(1, n_samples // env.world_size),
-                                               self.model_cfg.num_blocks, self.model_cfg.model_channels,
-                                               self.model_cfg.context_tokens)
-                row["mfu"] = rate * flops / (env.world_size * cfg.logging.peak_tflops_per_device * 1e12)
-                row["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-                                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+                rate = (self.state["samples_seen"] - samples_last) / max(now - t_last, 1e-9)
+                row = self._metrics_row(stage.index, lrs, sums, rate, tokens / max(1, n_samples // env.world_size))
                 self.metrics.log(step, row)
                 t_last, samples_last = now, self.state["samples_seen"]
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", stage=stage.name)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", stage=stage.name)
             if bar is not None:
                 bar.update(1)
             if self.state["nonfinite_in_row"] >= cfg.optim.max_nonfinite_in_row:
@@ -236,12 +242,14 @@ class Trainer:
                     f"Lower the learning rate or inspect the data around samples_seen={self.state['samples_seen']}")
             if cfg.eval.probe_every_steps and step % cfg.eval.probe_every_steps == 0:
                 for callback in self.callbacks:
-                    callback(step, self.engine, row if step % cfg.logging.every_steps == 0 else {})
+                    callback(step, self.engine, row)
             every = cfg.checkpoint.every_steps
             if (every and step % every == 0) or sums[-1] > 0 or sums[-2] > 0:
                 self.save()
             if sums[-2] > 0:
                 logger.warning("stopping at step %d after a stop signal (checkpoint saved)", step)
+                if bar is not None:
+                    bar.close()
                 self.metrics.close()
                 return PREEMPTED
         every = cfg.checkpoint.every_steps
