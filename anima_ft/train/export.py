@@ -41,7 +41,16 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    # ZeRO-1 checkpoints carry no frozen-parameter fragments; frozen weights are exact in the module state instead
+    model_states = ckpt / "mp_rank_00_model_states.pt"
+    if model_states.is_file():
+        module = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+        for name, tensor in module.items():
+            name = name.removeprefix("module.")
+            if name not in sd and tensor.numel() > 0:
+                sd[name] = tensor.float()
+    return sd
 
 
 def ema_view(ckpt: Path, into: Path) -> Path:

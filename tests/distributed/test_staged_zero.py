@@ -1,5 +1,5 @@
-"""2-rank CPU runs of the tiny staged recipe (configs/tiny_cpu_staged.yaml) under ZeRO-2 (default suite) and
-ZeRO-3 (slow): the loss falls, frozen groups stay bit-identical, the stage transition changes exactly the trainable
+"""2-rank CPU runs of the tiny staged recipe (configs/tiny_cpu_staged.yaml) under ZeRO-2 (default suite), ZeRO-1
+and ZeRO-3 (slow): the loss falls, frozen groups stay bit-identical, the stage transition changes exactly the trainable
 set, the export round-trips, the EMA follows its recurrence, and a run killed with SIGKILL resumes to the same
 per-step losses and EMA, bitwise."""
 
@@ -25,7 +25,7 @@ RECIPE = str(REPO / "configs" / "tiny_cpu_staged.yaml")
 STAGE1_END, TOTAL = 4, 8
 
 pytestmark = pytest.mark.multiproc
-ZERO = [2, pytest.param(3, marks=pytest.mark.slow)]
+ZERO = [2, pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
 
 
 EMA_DECAY = 0.5

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +186,15 @@ def test_activation_checkpointing_keeps_the_losses(tmp_path, reference_2rank):
     assert sorted(got) == sorted(reference_2rank)
     for s, row in reference_2rank.items():
         assert got[s]["loss"] == pytest.approx(row["loss"], rel=1e-6, abs=0), s
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_torchrun_launch_matches_deepspeed_launch(tmp_path, reference_2rank):
+    run = tmp_path / "tr"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(TRAIN), "--config", TINY,
+           f"run.dir={run}", *SHORT]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    _assert_same_losses(read_metrics(run / "metrics.jsonl"), reference_2rank)
