@@ -1,10 +1,10 @@
-"""The lab's steps: prepare the digit shards, launch ``deepspeed`` training runs, drift, sample grids.
+"""The lab's steps: prepare the digit shards, launch ``deepspeed`` training runs, drift, scored sample grids.
 
 Each function does one step of :mod:`anima_ft.lab.run` and writes its outputs under the lab directory::
 
     data/settings.json  data/codec.safetensors  data/images/<split>/  data/shards/<split>/*.tar
     <run>/ (trainer run dir: config.yaml, metrics.jsonl, probe.jsonl, train.log)   base.safetensors  <variant>.safetensors
-    drift/ (anima-ft drift outputs + drift_kinds.csv)   grids/*.png
+    drift/ (anima-ft drift outputs + drift_kinds.csv)   grids/*.png + grids/sample_accuracy.csv
 """
 
 from __future__ import annotations

@@ -60,31 +60,6 @@ class ProbeLogger:
                         {k: round(v, 4) for k, v in metrics.items() if k.endswith("/mean")})
 
 
-def load_probe_set(path: str, name: str) -> list:
-    """The eval set in the shards at ``path`` via ``anima_ft.eval.eval_sets.load_shard_eval_set``.
-
-    Workaround (warned): when that loader is out of step with ``anima_ft.data``'s catalog (AttributeError), the
-    samples are read here with the catalog's public ``keys`` / ``ShardReader.read``, sorted by key as it does.
-    """
-    from anima_ft.eval.eval_sets import EvalSample, load_shard_eval_set
-
-    try:
-        return load_shard_eval_set([path], name=name)
-    except AttributeError as err:
-        logger.warning("load_shard_eval_set failed (%s); reading eval set %r with the data catalog directly", err, name)
-    from anima_ft.data.sources import ShardReader, SourceSpec, build_catalog
-
-    catalog = build_catalog([SourceSpec(name, [path])], validate="full")
-    reader = ShardReader(catalog)
-    samples = []
-    for i, key in enumerate(catalog.keys):
-        rec = reader.read(i)
-        samples.append(EvalSample(key=str(key), latents=rec["latent"].float(), qwen_states=rec["qwen_states"].float(),
-                                  t5_ids=rec["t5_ids"].long(), caption=str(rec["meta"].get("caption", ""))))
-    reader.close()
-    return sorted(samples, key=lambda s: s.key)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse, load and validate the config, train with the probe callback."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from anima_ft.eval.eval_sets import load_shard_eval_set
     from anima_ft.train.distributed import init_distributed
     from anima_ft.train.trainer import Trainer
 
@@ -123,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = {}
         for spec in args.probe_set:
             name, _, path = spec.partition("=")
-            sets[name] = load_probe_set(path, name)
+            sets[name] = load_shard_eval_set([path], name=name)
         sigmas = [float(s) for s in args.probe_sigmas.split(",")]
         callbacks.append(ProbeLogger(sets, sigmas, args.probe_noises, cfg.run.seed, args.probe_out, env.rank))
     trainer = Trainer(cfg, env, callbacks=callbacks)
