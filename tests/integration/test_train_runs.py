@@ -198,3 +198,6 @@ def test_torchrun_launch_matches_deepspeed_launch(tmp_path, reference_2rank):
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     _assert_same_losses(read_metrics(run / "metrics.jsonl"), reference_2rank)
+    # every 2 steps, keep_last 2 (tiny_cpu.yaml): only the two newest complete checkpoints remain
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
