@@ -35,6 +35,7 @@ class Stage:
 
     @property
     def end(self) -> int:
+        """First global step after this stage."""
         return self.start + self.num_steps
 
     @property

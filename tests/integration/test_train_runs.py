@@ -201,3 +201,14 @@ def test_torchrun_launch_matches_deepspeed_launch(tmp_path, reference_2rank):
     # every 2 steps, keep_last 2 (tiny_cpu.yaml): only the two newest complete checkpoints remain
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+
+
+@pytest.mark.slow
+def test_timed_checkpoints_single_process(tmp_path):
+    """``checkpoint.every_minutes`` (rank 0 decides, every rank agrees through the step's all-reduce)."""
+    run = tmp_path / "timed"
+    rc, out = _single(["--config", TINY, f"run.dir={run}", "num_steps=3", "checkpoint.every_steps=0",
+                       "checkpoint.every_minutes=1e-6", "checkpoint.keep_last=0", "checkpoint.save_at_end=false"])
+    assert rc == 0, out[-3000:]
+    names = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert names == ["step_00000001", "step_00000002", "step_00000003"]
