@@ -82,79 +82,9 @@ def variant_from_probe(name: str, description: str, probe_path: Path) -> Variant
     return VariantResult(name, description, steps, curve, end)
 
 
-def main(argv: list[str]) -> int:
-    """Run the whole lab and write ``<out>/report.md``; returns 0 on success."""
-    args = parse_args(argv)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the in-process export imports deepspeed
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    preset = dict(QUICK if args.quick else FULL)
-    preset["pretrain_steps"] = args.pretrain_steps or preset["pretrain_steps"]
-    preset["finetune_steps"] = args.finetune_steps or preset["finetune_steps"]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or "no_replay" not in variants:
-        raise ValueError(f"--variants {args.variants!r}: choose from {list(VARIANTS)}, including no_replay "
-                         "(the baseline every other variant is compared with)")
-    target = tuple(int(c) for c in args.target_classes.split(","))
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    t_start, timings = time.perf_counter(), {}
-
-    data_settings = {"seed": args.seed, "target_classes": list(target), "image_size": 32,
-                     "probe_per_class": preset["probe_per_class"], "max_train_per_class": preset["max_train_per_class"]}
-    data = pipeline.prepare_data(out / "data", data_settings)
-    timings["prepare" + (" (reused shards)" if data["reused"] else "")] = data["seconds"]
-    shards = {s: out / "data" / "shards" / s for s in pipeline.SPLITS}
-    counts = data["counts"]
-    sources = [f"data.sources.0.shards=[{shards['target_train']}]", f"data.sources.1.shards=[{shards['replay_train']}]"]
-
-    base = out / "base.safetensors"
-    pre_cfg = args.configs / "pretrain.yaml"
-    total_train = counts["target_train"] + counts["replay_train"]
-    overrides = [*sources, f"run.seed={args.seed}", *stage_overrides(pre_cfg, preset["pretrain_steps"]),
-                 f"data.sources.0.weight={counts['target_train'] / total_train}",
-                 f"data.sources.1.weight={counts['replay_train'] / total_train}"]
-    if args.quick:
-        overrides.append("stages.0.warmup_steps=5")
-    timings["base model (deepspeed)"] = pipeline.launch_training(pre_cfg, out / "pretrain", overrides, args.nproc,
-                                                                 {}, [], base, args.reuse_runs)
-    probe_sets = {HELD_OUT: shards["replay_probe"], TARGET: shards["target_probe"]}
-    finals, results, failed, configs = {}, [], {}, {"base": "pretrain/config.yaml"}
-    for name in variants:
-        recipe, description = VARIANTS[name]
-        cfg_path = args.configs / recipe
-        finals[name] = out / f"{name}.safetensors"
-        ov = [*sources, f"run.seed={args.seed}", f"model.init_path={base}", f"eval.probe_every_steps="
-              f"{preset['probe_every']}", *stage_overrides(cfg_path, preset["finetune_steps"])]
-        try:
-            seconds = pipeline.launch_training(cfg_path, out / f"ft_{name}", ov, args.nproc, probe_sets, [],
-                                               finals[name], args.reuse_runs)
-        except RuntimeError as err:  # report the other variants, then exit non-zero
-            logger.error("variant %s failed: %s", name, err)
-            failed[name] = str(err)
-            finals.pop(name)
-            continue
-        timings[f"fine-tune {name} (deepspeed, with probe)"] = seconds
-        results.append(variant_from_probe(name, description, out / f"ft_{name}" / "probe.jsonl"))
-        results[-1].train_seconds = seconds or 0.0
-        configs[name] = f"ft_{name}/config.yaml"
-
-    if not results:
-        raise RuntimeError(f"every fine-tune failed: {failed}")
-    t0 = time.perf_counter()
-    drift = pipeline.run_drift(base, finals, out / "drift")
-    for v in results:
-        v.drift = drift[v.name]
-    timings["drift"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    samples = pipeline.make_grids({"base": base, **finals}, out / "data", out / "grids", args.seed, target,
-                                  preset["grid_per_class"], preset["scored_per_class"], preset["grid_steps"], 3.0)
-    grids = samples["grids"]
-    timings["sample grids"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-
-    setup = [
+def setup_lines(args: argparse.Namespace, preset: dict, target: tuple[int, ...], counts: dict[str, int]) -> list[str]:
+    """The report's "Setup" bullet list: data, stand-in encoders, model and schedule, recipes, mode."""
+    return [
         f"- Data: scikit-learn handwritten digits (8x8 scans upscaled to 32x32), captioned from their labels. Target "
         f"classes {list(target)}; replay classes {[c for c in range(10) if c not in target]}. Training images: "
         f"{counts['target_train']} target, {counts['replay_train']} replay. Held-out probe images (never trained "
@@ -170,13 +100,105 @@ def main(argv: list[str]) -> int:
         "step counts and the pretraining source weights (each run's exact command is in `<run>/command.txt`). "
         "Sampling: Euler, CFG 3 against the empty caption (the recipes drop 10% of captions).",
         f"- Mode: {'--quick (shortened; numbers are noisy)' if args.quick else 'full'}. Every number below is read "
-        "from the run's files (`ft_*/probe.jsonl`, `drift/drift_kinds.csv`); `lab_summary.json` holds them all.",
+        "from the run's files (`ft_*/probe.jsonl`, `drift/drift_kinds.csv`, `grids/sample_accuracy.csv`); "
+        "`lab_summary.json` holds them all.",
     ]
+
+
+def train_base(args: argparse.Namespace, out: Path, preset: dict, sources: list[str], counts: dict) -> float | None:
+    """The base model on all classes (source weights = their shares of the training images) -> base.safetensors."""
+    config = args.configs / "pretrain.yaml"
+    total = counts["target_train"] + counts["replay_train"]
+    overrides = [*sources, f"run.seed={args.seed}", *stage_overrides(config, preset["pretrain_steps"]),
+                 f"data.sources.0.weight={counts['target_train'] / total}",
+                 f"data.sources.1.weight={counts['replay_train'] / total}"]
+    if args.quick:
+        overrides.append("stages.0.warmup_steps=5")
+    return pipeline.launch_training(config, out / "pretrain", overrides, args.nproc, {}, [], out / "base.safetensors",
+                                    args.reuse_runs)
+
+
+def train_variants(args: argparse.Namespace, out: Path, preset: dict, sources: list[str], variants: list[str],
+                   probe_sets: dict[str, Path], timings: dict) -> tuple[dict[str, Path], list[VariantResult], dict]:
+    """Every fine-tune from the base, with the probe; returns ``(exports, results, failed {name: error})``.
+
+    A failed variant is logged and reported; the others still run.
+    """
+    finals, results, failed = {}, [], {}
+    for name in variants:
+        recipe, description = VARIANTS[name]
+        config = args.configs / recipe
+        overrides = [*sources, f"run.seed={args.seed}", f"model.init_path={out / 'base.safetensors'}",
+                     f"eval.probe_every_steps={preset['probe_every']}",
+                     *stage_overrides(config, preset["finetune_steps"])]
+        export = out / f"{name}.safetensors"
+        try:
+            seconds = pipeline.launch_training(config, out / f"ft_{name}", overrides, args.nproc, probe_sets, [],
+                                               export, args.reuse_runs)
+        except RuntimeError as err:
+            logger.error("variant %s failed: %s", name, err)
+            failed[name] = str(err)
+            continue
+        timings[f"fine-tune {name} (deepspeed, with probe)"] = seconds
+        finals[name] = export
+        results.append(variant_from_probe(name, description, out / f"ft_{name}" / "probe.jsonl"))
+        results[-1].train_seconds = seconds or 0.0
+    return finals, results, failed
+
+
+def main(argv: list[str]) -> int:
+    """Run the whole lab and write ``<out>/report.md``; returns 0 on success, 1 if a variant failed."""
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the in-process export imports deepspeed
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    preset = dict(QUICK if args.quick else FULL)
+    preset["pretrain_steps"] = args.pretrain_steps or preset["pretrain_steps"]
+    preset["finetune_steps"] = args.finetune_steps or preset["finetune_steps"]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if any(v not in VARIANTS for v in variants) or "no_replay" not in variants:
+        raise ValueError(f"--variants {args.variants!r}: choose from {list(VARIANTS)}, including no_replay "
+                         "(the baseline every other variant is compared with)")
+    target = tuple(int(c) for c in args.target_classes.split(","))
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start, timings = time.perf_counter(), {}
+
+    data_settings = {"seed": args.seed, "target_classes": list(target), "image_size": 32,
+                     "probe_per_class": preset["probe_per_class"], "max_train_per_class": preset["max_train_per_class"]}
+    data = pipeline.prepare_data(out / "data", data_settings)
+    timings["prepare" + (" (reused shards)" if data["reused"] else "")] = data["seconds"]
+    shards = {s: out / "data" / "shards" / s for s in pipeline.SPLITS}
+    sources = [f"data.sources.0.shards=[{shards['target_train']}]", f"data.sources.1.shards=[{shards['replay_train']}]"]
+
+    timings["base model (deepspeed)"] = train_base(args, out, preset, sources, data["counts"])
+    probe_sets = {HELD_OUT: shards["replay_probe"], TARGET: shards["target_probe"]}
+    finals, results, failed = train_variants(args, out, preset, sources, variants, probe_sets, timings)
+    if not results:
+        raise RuntimeError(f"every fine-tune failed: {failed}")
+
+    t0 = time.perf_counter()
+    drift = pipeline.run_drift(out / "base.safetensors", finals, out / "drift")
+    for v in results:
+        v.drift = drift[v.name]
+    timings["drift"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    samples = pipeline.make_grids({"base": out / "base.safetensors", **finals}, out / "data", out / "grids",
+                                  args.seed, target, preset["grid_per_class"], preset["scored_per_class"],
+                                  preset["grid_steps"], 3.0)
+    timings["sample grids"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
     first_probe = json.loads((out / f"ft_{results[0].name}" / "probe.jsonl").read_text().splitlines()[0])
-    meta = {"seed": args.seed, "sigmas": first_probe["sigmas"], "num_noises": first_probe["num_noises"], "held_out": HELD_OUT, "target": TARGET, "baseline": "no_replay",
-            "drift_groups": ["llm_adapter", "adapter_blocks", "adapter_embed", "dit", *pipeline.DIT_KINDS], "setup": setup, "timings": timings,
-            "grids": {k: str(Path(p).relative_to(out)) for k, p in grids.items()}, "configs": configs,
-            "failed": failed, "sample_accuracy": samples["accuracy"]}
+    meta = {
+        "seed": args.seed, "sigmas": first_probe["sigmas"], "num_noises": first_probe["num_noises"],
+        "held_out": HELD_OUT, "target": TARGET, "baseline": "no_replay",
+        "drift_groups": ["llm_adapter", "adapter_blocks", "adapter_embed", "dit", *pipeline.DIT_KINDS],
+        "setup": setup_lines(args, preset, target, data["counts"]), "timings": timings, "failed": failed,
+        "grids": {k: str(Path(p).relative_to(out)) for k, p in samples["grids"].items()},
+        "configs": {"base": "pretrain/config.yaml", **{v.name: f"ft_{v.name}/config.yaml" for v in results}},
+        "sample_accuracy": samples["accuracy"],
+    }
     summary = {"meta": meta, "settings": preset, "data": data,
                "variants": {v.name: {"steps": v.steps, "curve": v.curve, "drift": v.drift} for v in results}}
     (out / "lab_summary.json").write_text(json.dumps(summary, indent=1))
