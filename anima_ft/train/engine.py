@@ -11,7 +11,9 @@ trainable element / world size per rank) and broadcast from there.
 
 from __future__ import annotations
 
+import gc
 import logging
+from dataclasses import dataclass
 
 import deepspeed
 import torch
@@ -128,48 +130,77 @@ def relink_optimizer_state(engine) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def transition(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage, ds_config: dict):
-    """Rebuild the engine for ``new``, carrying the training state of every group trainable in both stages.
+@dataclass
+class Carry:
+    """Training state of the parameters that stay trainable across a stage boundary (between two engines).
 
-    Collective: every rank must call it at the same step. Returns the new engine.
+    ``tensors[name]`` ({"fp32", "exp_avg", "exp_avg_sq"[, "ema"]} on CPU) is held only by the owner rank
+    ``names.index(name) % world_size``; ``steps`` is the AdamW step count per param-group name.
     """
+
+    names: list[str]
+    shapes: dict[str, torch.Size]
+    keys: tuple[str, ...]
+    tensors: dict[str, dict[str, torch.Tensor]]
+    steps: dict[str, torch.Tensor | float]
+
+
+def collect_carry(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage) -> Carry:
+    """Gather the state of every group trainable in both ``old`` and ``new`` (collective: all ranks call it)."""
     keep = old.trainable & new.trainable
-    use_ema = cfg.ema.decay > 0
-    state_keys = (*_ADAM_KEYS, EMA_KEY) if use_ema else _ADAM_KEYS
+    keys = (*_ADAM_KEYS, EMA_KEY) if cfg.ema.decay > 0 else _ADAM_KEYS
     rank, world = dist.get_rank(), dist.get_world_size()
-    carried: dict[str, dict[str, torch.Tensor]] = {}
-    shapes: dict[str, torch.Size] = {}
     names = [n for n, p in model.named_parameters() if p.requires_grad and group_of(n) in keep]
     relink_optimizer_state(engine)
     params = dict(model.named_parameters())
+    carry = Carry(names, {}, keys, {}, {k: v for k, v in _group_steps(engine).items() if k.split("/")[0] in keep})
     for i, name in enumerate(names):  # every rank runs every gather (they are collectives)
         p = params[name]
         full = {"fp32": safe_get_full_fp32_param(p)}
-        full.update({k: safe_get_full_optimizer_state(p, k) for k in state_keys})
-        shapes[name] = full["fp32"].shape
+        full.update({k: safe_get_full_optimizer_state(p, k) for k in keys})
+        carry.shapes[name] = full["fp32"].shape
         if i % world == rank:
-            carried[name] = {k: v.detach().float().cpu().clone() for k, v in full.items()}
+            carry.tensors[name] = {k: v.detach().float().cpu().clone() for k, v in full.items()}
         del full
-    steps = _group_steps(engine)
-    engine.destroy()
-    del engine
-    new_engine = build_engine(model, cfg, new, ds_config)
-    materialize_state(new_engine, {k: v for k, v in steps.items() if k.split("/")[0] in keep}, ema=use_ema)
+    return carry
+
+
+def restore_carry(engine, model: nn.Module, carry: Carry, ema: bool) -> None:
+    """Create the new engine's optimizer state and write ``carry`` into it (collective: all ranks call it)."""
+    materialize_state(engine, carry.steps, ema=ema)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    params = dict(model.named_parameters())
     device = next(iter(params.values())).device
-    for i, name in enumerate(names):
+    for i, name in enumerate(carry.names):
         owner = i % world
-        for key in ("fp32", *state_keys):
+        for key in ("fp32", *carry.keys):
             if rank == owner:
-                value = carried[name][key].to(device)
+                value = carry.tensors[name][key].to(device)
             else:
-                value = torch.empty(shapes[name], dtype=torch.float32, device=device)
+                value = torch.empty(carry.shapes[name], dtype=torch.float32, device=device)
             if world > 1:
                 dist.broadcast(value, src=owner)
             if key == "fp32":
                 safe_set_full_fp32_param(params[name], value)
             else:
                 safe_set_full_optimizer_state(params[name], value, key)
-        carried.pop(name, None)
+        carry.tensors.pop(name, None)
+
+
+def transition(holder, model: nn.Module, cfg: Config, old: Stage, new: Stage, ds_config: dict) -> None:
+    """Rebuild ``holder.engine`` for stage ``new``, carrying the state of every group trainable in both stages.
+
+    ``holder`` (the trainer) owns the only reference to the engine, so the old engine's optimizer memory is released
+    before the new one is allocated. Collective: every rank must call it at the same step.
+    """
+    carry = collect_carry(holder.engine, model, cfg, old, new)
+    holder.engine.destroy()
+    holder.engine = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    holder.engine = build_engine(model, cfg, new, ds_config)
+    restore_carry(holder.engine, model, carry, ema=cfg.ema.decay > 0)
+    keep = old.trainable & new.trainable
     logger.info("stage %d -> %d: kept state of %s, fresh state for %s, frozen %s", old.index, new.index,
                 sorted(keep), sorted(new.trainable - keep), sorted(set(new.peak_lr) - new.trainable))
-    return new_engine

@@ -183,7 +183,7 @@ class Trainer:
             step = self.state["step"]
             stage = stage_at(self.stages, step)
             if stage.index != self.stage.index:
-                self.engine = transition(self.engine, self.model, cfg, self.stage, stage, self.ds_config)
+                transition(self, self.model, cfg, self.stage, stage, self.ds_config)  # replaces self.engine
                 self.stage = stage
                 if self.base_weights:
                     self.stream.set_weights(source_weights(stage, self.base_weights))
