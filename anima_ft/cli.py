@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("anima_ft.eval.probe_cli", "fixed-sigma forgetting probe on exported checkpoints (CSV + PNG)"),
     "drift": ("anima_ft.eval.drift", "per-tensor / per-group weight drift between checkpoints (table + heatmap)"),
     "swap": ("anima_ft.eval.swap", "compose a checkpoint from one file's DiT and another's adapter"),
+    "distill": ("anima_ft.distill.cli", "teacher velocities, redistribution attribution, the lab's distill variant"),
     "lab": ("anima_ft.lab.run", "the CPU mini-lab: forgetting and replay on real images, end to end"),
 }
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from anima_ft.distill.config import DistillConfig
+
 PARAM_GROUPS = ("base", "self_attn", "cross_attn", "mlp", "mod", "llm_adapter")
 
 
@@ -224,11 +226,61 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    """One named probe eval set."""
+
+    name: str = ""
+    """Name used in the metrics (probe/<name>/sigma_<s>)."""
+    path: str = ""
+    """`anima-ft prepare` shard directory or glob."""
+
+
+@dataclass
 class EvalConfig:
-    """Diagnostics hook (probe and drift live in anima_ft.eval)."""
+    """In-training diagnostics (anima_ft.eval): forgetting probe, forgetting budget, weight drift, sample grids."""
 
     probe_every_steps: int = 0
-    """Call the registered eval callbacks every N steps; 0 = off."""
+    """Run the forgetting probe (and call registered eval callbacks) at step 0 and every N steps; 0 = off."""
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    """Probe eval sets, e.g. [{name: replay, path: data/replay_eval}] (shards written by `anima-ft prepare`)."""
+    max_samples_per_set: int = 0
+    """Keep the first N samples of each set (sorted by key); 0 = all."""
+    sigmas: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    """Absolute sigmas (t in [0, 1]) at which the probe measures the denoising loss."""
+    num_noises: int = 8
+    """Fixed noises per (image, sigma)."""
+    seed: int = 0
+    """Seed of the probe's fixed noises (independent of run.seed, so runs with different seeds compare)."""
+    drift_every_steps: int = 0
+    """Log weight drift against the starting weights every N steps (sharded, no gather); 0 = off."""
+    drift_per_group: bool = False
+    """Also log drift per block-level group (blocks.i.self_attn, ...), not only per kind."""
+    budget_max_rise_pct: float = 0.0
+    """Forgetting budget: act when the `budget_set` probe loss rises more than this % above step 0; 0 = off."""
+    budget_action: str = "mark_best"
+    """What the budget does: stop | lower_lr | mark_best."""
+    budget_set: str = "replay"
+    """The eval set the forgetting budget watches."""
+    grid_every_steps: int = 0
+    """Sample grid every N steps (needs grid_vae_path and the text-encoder paths); 0 = off."""
+    grid_prompts: list[str] = field(default_factory=list)
+    """Fixed prompts of the sample grid (one row each)."""
+    grid_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Fixed seeds of the sample grid (one column each)."""
+    grid_size: list[int] = field(default_factory=lambda: [1024, 1024])
+    """Grid image size [height, width] in pixels (multiples of 16)."""
+    grid_num_steps: int = 30
+    """Euler steps per grid image."""
+    grid_guidance_scale: float = 4.0
+    """CFG scale of the grid (empty negative prompt)."""
+    grid_vae_path: str = ""
+    """Qwen-Image VAE (official single file or diffusers dir) for decoding grids; empty = grids skipped with a note."""
+    grid_qwen_path: str = ""
+    """Qwen3-0.6B (HF dir or official single file) to encode the grid prompts once at start."""
+    grid_qwen_tokenizer_dir: str = ""
+    """Qwen tokenizer directory for the grid prompts."""
+    grid_t5_tokenizer_dir: str = ""
+    """T5 tokenizer directory for the grid prompts."""
 
 
 @dataclass
@@ -250,3 +302,5 @@ class Config:
     ema: EmaConfig = field(default_factory=EmaConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Teacher-student redistribution (anima_ft/distill); off by default."""

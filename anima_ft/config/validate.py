@@ -149,4 +149,44 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ValueError(f"ema.decay={cfg.ema.decay} must be in [0, 1) (0 = off)")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     _positive("logging.every_steps", cfg.logging.every_steps)
-    _positive("eval.probe_every_steps", cfg.eval.probe_every_steps, allow_zero=True)
+    _validate_eval(cfg)
+    if cfg.distill.enabled:
+        from anima_ft.distill.config import validate_distill
+
+        validate_distill(cfg.distill, max(1, len(cfg.stages)))
+
+
+BUDGET_ACTIONS = ("stop", "lower_lr", "mark_best")
+
+
+def _validate_eval(cfg: Config) -> None:
+    """The diagnostics section: probe sets, budget and grid settings."""
+    e = cfg.eval
+    for key in ("probe_every_steps", "drift_every_steps", "grid_every_steps", "max_samples_per_set"):
+        _positive(f"eval.{key}", getattr(e, key), allow_zero=True)
+    _positive("eval.num_noises", e.num_noises)
+    if not e.sigmas or not all(0.0 < float(x) <= 1.0 for x in e.sigmas):
+        raise ValueError(f"eval.sigmas={list(e.sigmas)} must be a non-empty list of values in (0, 1]")
+    set_names = [s.name for s in e.sets]
+    for i, s in enumerate(e.sets):
+        if not s.name or not s.path:
+            raise ValueError(f"eval.sets.{i}={{name: {s.name!r}, path: {s.path!r}}} needs both a name and a path")
+    if len(set(set_names)) != len(set_names):
+        raise ValueError(f"eval.sets names must be unique, got {set_names}")
+    if e.sets and e.probe_every_steps <= 0:
+        raise ValueError("eval.sets are given but eval.probe_every_steps=0 (probe off); set it > 0 or drop the sets")
+    if e.budget_max_rise_pct < 0:
+        raise ValueError(f"eval.budget_max_rise_pct={e.budget_max_rise_pct} must be >= 0 (0 = off)")
+    if e.budget_max_rise_pct > 0:
+        _one_of("eval.budget_action", e.budget_action, BUDGET_ACTIONS)
+        if e.budget_set not in set_names:
+            raise ValueError(f"eval.budget_set={e.budget_set!r} is not one of eval.sets {set_names}; "
+                             "the forgetting budget watches a probe set")
+    if e.grid_every_steps > 0:
+        if not e.grid_prompts or not e.grid_seeds:
+            raise ValueError("eval.grid_every_steps > 0 needs eval.grid_prompts and eval.grid_seeds")
+        if len(e.grid_size) != 2 or any(int(x) % 16 for x in e.grid_size):
+            raise ValueError(f"eval.grid_size={list(e.grid_size)} must be [height, width], multiples of 16")
+        if e.grid_vae_path and not (e.grid_qwen_path and e.grid_qwen_tokenizer_dir and e.grid_t5_tokenizer_dir):
+            raise ValueError("eval.grid_vae_path is set: also set eval.grid_qwen_path, eval.grid_qwen_tokenizer_dir "
+                             "and eval.grid_t5_tokenizer_dir to encode the grid prompts")

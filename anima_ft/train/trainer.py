@@ -1,9 +1,11 @@
 """The one shared training loop.
 
-Build order (fixed): stages -> DeepSpeed JSON -> model -> data stream -> resume point -> engine (for the stage that
-wrote the checkpoint) -> checkpoint load -> metrics. Each optimizer step: stage transition if the stage changed,
-per-group LRs, ``grad_accum_steps`` micro-batches through ``compute_loss``, one small all-reduce (per-source loss
-sums, stop signals, timed-save vote), then logging, callbacks and checkpoints.
+Build order (fixed): stages -> DeepSpeed JSON -> model -> objective (distillation teacher, if any) -> data stream ->
+resume point -> engine (for the stage that wrote the checkpoint) -> diagnostics (snapshot of the starting weights)
+-> checkpoint load -> metrics. Each optimizer step: stage transition if the stage changed, per-group LRs,
+``grad_accum_steps`` micro-batches through the loss hook (``compute_loss``, or the distillation objective), one
+small all-reduce (per-source loss sums, stop signals, timed-save vote), then diagnostics, logging, callbacks and
+checkpoints. The diagnostics also run once at step 0, before the first update (the probe's baseline).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch.distributed as dist
 
 from anima_ft.config import build_deepspeed_config, to_dict, to_yaml
 from anima_ft.config.schema import Config
+from anima_ft.distill.build import build_distill
+from anima_ft.eval.from_config import build_eval_hooks
 from anima_ft.observability import MetricsWriter, train_flops_per_sample
 
 from .batches import build_stream, source_names
@@ -75,6 +79,8 @@ class Trainer:
         self.ds_config = build_deepspeed_config(cfg, env.world_size)
         self.model = build_model(cfg)
         self.model_cfg = self.model.cfg
+        # the teacher is copied from the untouched student, before an adapter source may replace its adapter
+        self.objective = build_distill(cfg, cfg.distill, self.model, self.ds_config, env.device)
         qwen_dim = self.model_cfg.adapter.source_dim if self.model_cfg.adapter else 1024
         self.stream = build_stream(cfg, qwen_dim, env.rank, env.world_size)
         self.sources = source_names(cfg)
@@ -86,8 +92,13 @@ class Trainer:
         # the engine of the stage that took the last update; a boundary transition then happens in the loop
         self.stage = stage_at(self.stages, max(self.state["step"] - 1, 0))
         self.engine = build_engine(self.model, cfg, self.stage, self.ds_config)
+        if self.objective is not None:
+            self.objective.set_stage(self.stage.index)
         if cfg.ema.decay > 0:
             materialize_state(self.engine, ema=True)  # the EMA is an optimizer-state entry (engine.update_ema)
+        self.eval_hooks = build_eval_hooks(cfg, self.model, self.run_dir, env.device)
+        if self.eval_hooks is not None and loaded.get("eval_hooks"):
+            self.eval_hooks.load_state_dict(loaded["eval_hooks"])
         if ckpt:
             rank_state = load_checkpoint(self.engine, ckpt)
             relink_optimizer_state(self.engine)
@@ -116,6 +127,8 @@ class Trainer:
         rank_state = {"rng": rng_state(), "data": self.stream.state_dict()}
         trainer_state = {**self.state, "stage": self.stage.index, "world_size": self.env.world_size,
                          "model_config": self.model_cfg.to_dict(), "train_config": to_yaml(self.cfg)}
+        if self.eval_hooks is not None:
+            trainer_state["eval_hooks"] = self.eval_hooks.state_dict()
         path = save_checkpoint(self.engine, self.ckpt_root, self.state["step"], trainer_state, rank_state,
                                self.cfg.checkpoint.keep_last)
         self._last_save = time.monotonic()
@@ -179,15 +192,21 @@ class Trainer:
         it = iter(self.stream)
         t_last, samples_last = time.perf_counter(), self.state["samples_seen"]
         row: dict = {}
+        if self.state["step"] == 0 and self.eval_hooks is not None:
+            self.metrics.log(0, self.eval_hooks(0, self.engine))  # step-0 baseline, before any update
         while self.state["step"] < self.total:
             step = self.state["step"]
             stage = stage_at(self.stages, step)
             if stage.index != self.stage.index:
                 transition(self, self.model, cfg, self.stage, stage, self.ds_config)  # replaces self.engine
                 self.stage = stage
+                if self.objective is not None:
+                    self.objective.set_stage(stage.index)
                 if self.base_weights:
                     self.stream.set_weights(source_weights(stage, self.base_weights))
             lrs = stage.lrs(step)
+            if self.eval_hooks is not None and self.eval_hooks.lr_scale != 1.0:  # forgetting budget lowered the LR
+                lrs = {g: v * self.eval_hooks.lr_scale for g, v in lrs.items()}
             set_lrs(self.engine, lrs)
             skipped_before = self.engine.skipped_steps
             # on device: [loss sum per source, sample count per source, stop signal, timed-save vote]
@@ -196,8 +215,9 @@ class Trainer:
             for micro in range(accum):
                 batch = next(it)
                 self._fault(step, batch)
-                out = compute_loss(self.engine, batch, noise_generator(cfg.run.seed, step, env.rank, micro),
-                                   cfg.objective)
+                gen = noise_generator(cfg.run.seed, step, env.rank, micro)
+                out = (self.objective(self.engine, batch, gen) if self.objective is not None
+                       else compute_loss(self.engine, batch, gen, cfg.objective))
                 self.engine.backward(out.loss)
                 self.engine.step()
                 src = batch["source_id"].to(env.device)
@@ -224,10 +244,12 @@ class Trainer:
                                self.state["nonfinite_in_row"])
             else:
                 self.state["nonfinite_in_row"] = 0
-            if step % cfg.logging.every_steps == 0 or step == self.total or skipped:
+            eval_metrics = self.eval_hooks(step, self.engine) if self.eval_hooks is not None else {}
+            if step % cfg.logging.every_steps == 0 or step == self.total or skipped or eval_metrics:
                 now = time.perf_counter()
                 rate = (self.state["samples_seen"] - samples_last) / max(now - t_last, 1e-9)
                 row = self._metrics_row(stage.index, lrs, sums, rate, tokens / max(1, n_samples // env.world_size))
+                row.update(eval_metrics)
                 self.metrics.log(step, row)
                 t_last, samples_last = now, self.state["samples_seen"]
                 if bar is not None:
@@ -246,6 +268,16 @@ class Trainer:
             every = cfg.checkpoint.every_steps
             if (every and step % every == 0) or sums[-1] > 0 or sums[-2] > 0:
                 self.save()
+            if self.eval_hooks is not None and self.eval_hooks.best_step is not None and env.rank == 0:
+                (self.run_dir / "best_step.json").write_text(f'{{"best_step": {self.eval_hooks.best_step}}}\n')
+            if self.eval_hooks is not None and self.eval_hooks.stop_requested:
+                self.save()
+                logger.warning("stopping at step %d: the forgetting budget was exceeded (eval.budget_max_rise_pct="
+                               "%g on set %r); checkpoint saved", step, cfg.eval.budget_max_rise_pct, cfg.eval.budget_set)
+                if bar is not None:
+                    bar.close()
+                self.metrics.close()
+                return "budget_stop"
             if sums[-2] > 0:
                 logger.warning("stopping at step %d after a stop signal (checkpoint saved)", step)
                 if bar is not None:
