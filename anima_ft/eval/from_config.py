@@ -37,7 +37,7 @@ def _build_grid(e, run_dir: Path, device: torch.device | str) -> SampleGridRunne
     vae = (AnimaVAE.from_pretrained(vae_path, device=device) if vae_path.is_dir()
            else AnimaVAE.from_single_file(vae_path, device=device))
     h, w = (int(x) for x in e.grid_size)
-    return SampleGridRunner(list(e.grid_prompts), conditions, list(e.grid_seeds), vae, run_dir / "samples",
+    return SampleGridRunner(list(e.grid_prompts), conditions, list(e.grid_seeds), vae, run_dir,
                             every_steps=e.grid_every_steps, num_steps=e.grid_num_steps,
                             guidance_scale=e.grid_guidance_scale, latent_size=(h // 8, w // 8))
 

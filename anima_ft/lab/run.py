@@ -53,6 +53,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     ap.add_argument("--pretrain-steps", type=int, default=0, help="override the base model's steps (0 = preset)")
     ap.add_argument("--finetune-steps", type=int, default=0, help="override each fine-tune's steps (0 = preset)")
+    ap.add_argument("--no-distill", action="store_true",
+                    help="skip the redistribution variant (distill the base into its DiT with a re-initialized "
+                         "adapter, anima_ft/distill) that otherwise runs after the fine-tunes")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="skip training runs whose directory holds a finished run of the same command (for iterating "
                          "on the report); off by default: every run trains afresh")
@@ -187,6 +190,15 @@ def main(argv: list[str]) -> int:
                                   args.seed, target, preset["grid_per_class"], preset["scored_per_class"],
                                   preset["grid_steps"], 3.0)
     timings["sample grids"] = time.perf_counter() - t0
+    redistribution = None
+    if not args.no_distill:
+        from anima_ft.distill.lab_variant import run as run_redistribution
+
+        t0 = time.perf_counter()
+        # pure distillation on replay images (target weight 0): isolates the move of knowledge into the DiT
+        redistribution = run_redistribution(out, out / "distill_reinit", preset["finetune_steps"], 16, 1e-3, 0.0,
+                                            1234, args.seed, target_weight=0.0)
+        timings["redistribution variant"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
     first_probe = json.loads((out / f"ft_{results[0].name}" / "probe.jsonl").read_text().splitlines()[0])
@@ -203,6 +215,10 @@ def main(argv: list[str]) -> int:
                "variants": {v.name: {"steps": v.steps, "curve": v.curve, "drift": v.drift} for v in results}}
     (out / "lab_summary.json").write_text(json.dumps(summary, indent=1))
     report = write_report(out, results, meta)
+    if redistribution is not None:
+        body = Path(redistribution).read_text().replace("\n# ", "\n## ").removeprefix("# ")
+        with open(report, "a") as fh:
+            fh.write(f"\n## {body}\n(From `{Path(redistribution).relative_to(out)}`.)\n")
     logger.info("wrote %s (%.0f s in all)", report, timings["total"])
     print(f"report: {report}")
     return 1 if failed else 0

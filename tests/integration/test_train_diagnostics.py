@@ -112,3 +112,35 @@ def test_distillation_objective_replaces_the_flow_loss(tmp_path, shards):
     assert rows[1]["loss/target"] > 0.1
     assert 0.0 <= rows[1]["loss/replay"] < 1e-10
     assert rows[2]["loss/replay"] > 0  # the student moved away from the teacher after one update
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_sample_grids_in_training_and_skip_without_vae(tmp_path, shards, tokenizer_dir):
+    """Grids from a VAE directory + a Qwen3 directory + the real tokenizers; without a VAE, one clear skip."""
+    from PIL import Image
+
+    from anima_ft.model.text_encoder import tiny_qwen3
+    from anima_ft.model.vae import tiny_vae
+
+    tiny_qwen3(seed=0).save_pretrained(tmp_path / "qwen")
+    tiny_vae(seed=0).save_pretrained(tmp_path / "vae")
+    grid = ["eval.grid_every_steps=2", "eval.grid_prompts=['a red fox', '']", "eval.grid_seeds=[0, 1]",
+            "eval.grid_size=[32, 48]", "eval.grid_num_steps=2", "num_steps=2"]
+    run = tmp_path / "grid"
+    rc, out = _single(_args(run, shards, *grid, f"eval.grid_vae_path={tmp_path / 'vae'}",
+                            f"eval.grid_qwen_path={tmp_path / 'qwen'}",
+                            f"eval.grid_qwen_tokenizer_dir={tokenizer_dir / 'qwen3_06b'}",
+                            f"eval.grid_t5_tokenizer_dir={tokenizer_dir / 't5_old'}"))
+    assert rc == 0, out[-3000:]
+    pngs = sorted((run / "samples").glob("step_*.png"))
+    assert [p.name for p in pngs] == ["step_0000000.png", "step_0000002.png"]
+    a, b = (Image.open(p) for p in pngs)
+    assert a.size == b.size and a.size[0] >= 2 * 48 and a.size[1] >= 2 * 32  # 2 prompts x 2 seeds of 32x48 px
+    assert list(a.getdata()) != list(b.getdata())  # the model changed between step 0 and step 2
+
+    run = tmp_path / "no_vae"
+    rc, out = _single(_args(run, shards, *grid))
+    assert rc == 0, out[-3000:]
+    assert "eval.grid_vae_path is empty: sample grids are skipped" in out
+    assert not (run / "samples").exists()
