@@ -131,8 +131,11 @@ def test_sample_grids_in_training_and_skip_without_vae(tmp_path, shards, tokeniz
     rc, out = _single(_args(run, shards, *grid, f"eval.grid_vae_path={tmp_path / 'vae'}",
                             f"eval.grid_qwen_path={tmp_path / 'qwen'}",
                             f"eval.grid_qwen_tokenizer_dir={tokenizer_dir / 'qwen3_06b'}",
-                            f"eval.grid_t5_tokenizer_dir={tokenizer_dir / 't5_old'}"))
+                            f"eval.grid_t5_tokenizer_dir={tokenizer_dir / 't5_old'}", "logging.wandb_mode=offline"),
+                      env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert rc == 0, out[-3000:]
+    # the same grids went to the (offline) wandb run as images
+    assert len(list((run / "wandb").glob("offline-run-*/files/media/images/samples/grid_*.png"))) == 2
     pngs = sorted((run / "samples").glob("step_*.png"))
     assert [p.name for p in pngs] == ["step_0000000.png", "step_0000002.png"]
     a, b = (Image.open(p) for p in pngs)
