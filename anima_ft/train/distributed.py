@@ -46,6 +46,29 @@ def fill_env_from_slurm() -> None:
                            "script (see launch/slurm/)")
 
 
+SHM_DIR = "/dev/shm"
+
+
+def release_cpu_shm_segment(rank: int) -> None:
+    """Unlink the name of this rank's DeepSpeed CPU shared-memory allreduce segment once every rank has mapped it.
+
+    DeepSpeed's CPU communication op creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    (tens of MB) and never unlinks it, so every CPU run leaks that memory until reboot. Peers open the segment only
+    while initialising; after a barrier the name can go: the mapping stays valid and is freed when the process exits.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:  # the shm op is not built on this machine, or a launcher set other names
+        pass
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
     """Initialise the default process group (gloo on CPU, nccl on GPU unless ``backend`` says otherwise)."""
     import deepspeed
@@ -63,5 +86,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                rank=rank, world_size=world)
+    if not cuda:
+        release_cpu_shm_segment(rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistEnv(rank, world, local_rank, device)

@@ -1,6 +1,6 @@
 """The one shared training loop.
 
-Build order (fixed): stages -> DeepSpeed JSON -> model -> objective (distillation teacher, if any) -> data stream ->
+Build order (fixed): stages -> model -> DeepSpeed JSON (buckets sized to the model) -> objective (distillation teacher, if any) -> data stream ->
 resume point -> engine (for the stage that wrote the checkpoint) -> diagnostics (snapshot of the starting weights)
 -> checkpoint load -> metrics. Each optimizer step: stage transition if the stage changed, per-group LRs,
 ``grad_accum_steps`` micro-batches through the loss hook (``compute_loss``, or the distillation objective), one
@@ -76,8 +76,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.stages = build_stages(cfg)
         self.total = total_steps(self.stages)
-        self.ds_config = build_deepspeed_config(cfg, env.world_size)
         self.model = build_model(cfg)
+        self.ds_config = build_deepspeed_config(cfg, env.world_size, sum(p.numel() for p in self.model.parameters()))
         self.model_cfg = self.model.cfg
         # the teacher is copied from the untouched student, before an adapter source may replace its adapter
         self.objective = build_distill(cfg, cfg.distill, self.model, self.ds_config, env.device)

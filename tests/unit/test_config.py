@@ -117,3 +117,10 @@ def test_recipes_load_and_validate(recipe):
             if "global_batch_size" not in str(exc):
                 raise
     assert "run:" in to_yaml(cfg)
+
+
+def test_zero_buckets_are_capped_at_the_model_size():
+    cfg = load_config(None, [])
+    assert build_deepspeed_config(cfg, 1)["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    z = build_deepspeed_config(cfg, 1, num_params=1_238_144)["zero_optimization"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 1_238_144
