@@ -23,14 +23,11 @@ import torch.distributed as dist
 
 from anima_ft.eval.drift import rel_and_cos
 from anima_ft.eval.groups import group_of, group_sort_key, is_ignored, kind_of, strip_prefix
+from anima_ft.train.distributed import world_and_rank
 
 logger = logging.getLogger(__name__)
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 class DriftTracker:
@@ -47,7 +44,7 @@ class DriftTracker:
                  keep_on_device: bool = False) -> None:
         self.every_steps = every_steps
         self.per_group = per_group
-        world, rank = _dist_info()
+        world, rank = world_and_rank()
         named = [(strip_prefix(n), p) for n, p in model.named_parameters()]
         named = [(n, p) for n, p in named if not is_ignored(n)]
         if not named:
@@ -85,7 +82,7 @@ class DriftTracker:
             cur = self._local(p).detach().to(torch.float64).reshape(-1)
             w0 = start.to(cur.device, non_blocking=True).to(torch.float64).reshape(-1)
             sums[g] += torch.stack([(cur - w0).square().sum(), w0.square().sum(), cur.square().sum(), (w0 * cur).sum()])
-        world, _ = _dist_info()
+        world, _ = world_and_rank()
         if world > 1:
             if dist.get_backend() != "nccl":
                 sums = sums.cpu()

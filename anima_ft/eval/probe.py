@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from anima_ft.eval.eval_sets import EvalSample, check_eval_sets, collate_condition
+from anima_ft.train.distributed import world_and_rank
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ def sigma_label(sigma: float) -> str:
     return f"sigma_{sigma:g}"
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _core(model: torch.nn.Module) -> torch.nn.Module:
@@ -147,7 +144,7 @@ def evaluate_sets(
     sigmas = check_sigmas(sigmas)
     if num_noises < 1:
         raise ValueError(f"num_noises={num_noises} must be >= 1")
-    world, rank = _dist_info()
+    world, rank = world_and_rank()
     device, _, is_zero3 = _param_info(_core(model))
     if equal_forwards is None:
         equal_forwards = is_zero3 and world > 1

@@ -22,13 +22,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
+from anima_ft.train.distributed import world_and_rank
+
 logger = logging.getLogger(__name__)
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def compose_grid(images: torch.Tensor, row_labels: Sequence[str], col_labels: Sequence[str],
@@ -126,7 +124,7 @@ class SampleGridRunner:
     @torch.no_grad()
     def sample_images(self, model: torch.nn.Module) -> torch.Tensor | None:
         """All cells as uint8 ``[R, C, H, W, 3]`` on rank 0 (None on other ranks); every rank must call."""
-        world, rank = _dist_info()
+        world, rank = world_and_rank()
         cells = [(r, c) for r in range(len(self.prompts)) for c in range(len(self.seeds))]
         mine: dict[int, torch.Tensor] = {}
         was_training = model.training

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 from anima_ft.lab import text_stack
 from anima_ft.lab.codec import PCAPatchCodec
 from anima_ft.lab.digits import caption_vocabulary, load_digit_splits, pixels_from_images, write_image_folder
+from anima_ft.train.distributed import free_port
 
 logger = logging.getLogger(__name__)
 SPLITS = ("target_train", "replay_train", "target_probe", "replay_probe")
@@ -87,12 +87,6 @@ def prepare_data(data_dir: Path, data_settings: dict) -> dict:
     return {**result, "reused": False, "seconds": time.perf_counter() - t0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: int, probe_sets: dict[str, Path],
                     probe_args: list[str], export_path: Path, reuse: bool = False) -> float | None:
     """``deepspeed --num_gpus nproc anima_ft/lab/train_entry.py ...`` into a fresh ``run_dir``, then ``anima-ft
@@ -117,7 +111,7 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(_free_port()), *args]
+    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     if not torch.cuda.is_available():

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import AnimaConfig
-from .layers import BACKENDS, QKNormAttention, RMSNorm, get_ops
+from .layers import QKNormAttention, RMSNorm, get_ops
 from .llm_adapter import LLMAdapter
 from .rope import rope3d_table
 
@@ -152,9 +152,7 @@ class Anima(nn.Module):
 
     def set_attention_backend(self, backend: str) -> None:
         """Route every attention and adaLN op through ``backend`` (``sdpa``, ``reference`` or ``triton``)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        ops = get_ops(backend)
+        ops = get_ops(backend)  # raises ValueError for an unknown backend
         for m in self.modules():
             if hasattr(m, "ops"):
                 m.ops = ops

@@ -20,10 +20,20 @@ class DistEnv:
     device: torch.device
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on localhost (for a single-node rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def world_and_rank() -> tuple[int, int]:
+    """``(world_size, rank)`` of the default process group, ``(1, 0)`` when none is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def env_world_size() -> int:
@@ -76,7 +86,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
     fill_env_from_slurm()
     if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
