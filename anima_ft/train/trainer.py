@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from anima_ft.config import build_deepspeed_config, to_dict, to_yaml
 from anima_ft.config.schema import Config
+from anima_ft.data.shard_format import write_json_atomic
 from anima_ft.distill.build import build_distill
 from anima_ft.eval.from_config import build_eval_hooks
 from anima_ft.observability import MetricsWriter, train_flops_per_sample
@@ -268,8 +269,8 @@ class Trainer:
             every = cfg.checkpoint.every_steps
             if (every and step % every == 0) or sums[-1] > 0 or sums[-2] > 0:
                 self.save()
-            if self.eval_hooks is not None and self.eval_hooks.best_step is not None and env.rank == 0:
-                (self.run_dir / "best_step.json").write_text(f'{{"best_step": {self.eval_hooks.best_step}}}\n')
+            if eval_metrics and self.eval_hooks.best_step is not None and env.rank == 0:  # changes only at a probe
+                write_json_atomic(self.run_dir / "best_step.json", {"best_step": self.eval_hooks.best_step})
             if self.eval_hooks is not None and self.eval_hooks.stop_requested:
                 self.save()
                 logger.warning("stopping at step %d: the forgetting budget was exceeded (eval.budget_max_rise_pct="
