@@ -25,9 +25,11 @@ Shape legend: K noises, C latent channels, h/w latent size, N samples, J sigmas.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -179,6 +181,14 @@ class ProbeRunner:
     ``run`` returns ``{"probe/<set>/sigma_<s>": loss, ".../sigma_<s>_rel": loss / step-0 loss, "probe/<set>/mean":
     mean over sigmas, "probe/<set>/mean_rel": ...}`` (plain floats, identical on every rank). The step-0 baseline is
     the first run's values; keep it across restarts with :meth:`state_dict` / :meth:`load_state_dict`.
+
+    With ``log_path``, global rank 0 also appends one JSON line per run to that file, with every image's loss::
+
+        {"step": s, "sigmas": [...], "num_noises": K, "seed": seed, "keys": {set: [key, ...]},
+         "per_image": {set: [[loss at sigma_j] per image]}, "metrics": {...as returned...}}
+
+    After a resume the steps between the checkpoint and the crash are probed again and appended again: readers
+    keep the last line of each step (:func:`read_probe_log`).
     """
 
     def __init__(
@@ -189,6 +199,7 @@ class ProbeRunner:
         seed: int = 0,
         every_steps: int = 0,
         split_context: bool | None = None,
+        log_path: str | Path | None = None,
     ) -> None:
         check_eval_sets(dict(eval_sets))
         self.eval_sets = dict(eval_sets)
@@ -199,6 +210,7 @@ class ProbeRunner:
         self.seed = seed
         self.every_steps = every_steps  # 0 = only step 0
         self.split_context = split_context
+        self.log_path = None if log_path is None else Path(log_path)
         self.baseline: dict[str, list[float]] | None = None
         self.history: list[tuple[int, dict[str, float]]] = []
 
@@ -208,18 +220,31 @@ class ProbeRunner:
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Per-sigma mean loss of each set: ``{set: float64 [J]}`` (all ranks must call)."""
-        tables = evaluate_sets(model, self.eval_sets, self.sigmas, self.num_noises, self.seed, self.split_context)
-        return {name: table.mean(dim=0) for name, table in tables.items()}
+        return {name: table.mean(dim=0) for name, table in self._tables(model).items()}
+
+    def _tables(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return evaluate_sets(model, self.eval_sets, self.sigmas, self.num_noises, self.seed, self.split_context)
 
     def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Evaluate, set the baseline on the first call, and return the flat metric dict (see class docstring)."""
-        losses = self.evaluate(model)
+        tables = self._tables(model)
+        losses = {name: table.mean(dim=0) for name, table in tables.items()}
         if self.baseline is None:
             self.baseline = {name: v.tolist() for name, v in losses.items()}
             logger.info("probe baseline set at step %d: %s", step, self.baseline)
         metrics = metrics_from_losses(losses, self.sigmas, self.baseline)
         self.history.append((step, metrics))
+        if self.log_path is not None and world_and_rank()[1] == 0:
+            self._append_log(step, tables, metrics)
         return metrics
+
+    def _append_log(self, step: int, tables: Mapping[str, torch.Tensor], metrics: Mapping[str, float]) -> None:
+        line = {"step": step, "sigmas": list(self.sigmas), "num_noises": self.num_noises, "seed": self.seed,
+                "keys": {name: [s.key for s in samples] for name, samples in self.eval_sets.items()},
+                "per_image": {name: table.tolist() for name, table in tables.items()}, "metrics": dict(metrics)}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
 
     def state_dict(self) -> dict:
         """Baseline and settings, to store with the training state so relative values survive a restart."""
@@ -255,3 +280,19 @@ def metrics_from_losses(
         if base:
             out[f"probe/{name}/mean_rel"] = mean / (sum(base) / len(base))
     return out
+
+
+def read_probe_log(path: str | Path) -> list[dict]:
+    """The lines of a :class:`ProbeRunner` log in step order, the last line of each step winning (see ``log_path``)."""
+    path = Path(path)
+    by_step: dict[int, dict] = {}
+    for n, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as exc:  # a crash mid-write leaves a torn last line
+            logger.warning("%s line %d is not JSON (%s): skipped", path, n, exc)
+            continue
+        by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]

@@ -88,20 +88,21 @@ def prepare_data(data_dir: Path, data_settings: dict) -> dict:
 
 
 def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: int, probe_sets: dict[str, Path],
-                    probe_args: list[str], export_path: Path, reuse: bool = False) -> float | None:
-    """``deepspeed --num_gpus nproc anima_ft/lab/train_entry.py ...`` into a fresh ``run_dir``, then ``anima-ft
-    export`` of its last checkpoint to ``export_path``; returns seconds.
+                    export_path: Path, reuse: bool = False) -> float | None:
+    """``deepspeed --num_gpus nproc launch/train.py --config CONFIG ...`` into a fresh ``run_dir``, then
+    ``anima-ft export`` of its last checkpoint to ``export_path``; returns seconds.
 
+    ``probe_sets`` become the trainer's probe sets (``eval.sets``): the trainer probes them at step 0 and every
+    ``eval.probe_every_steps`` steps and writes every image's losses to ``run_dir/probe.jsonl``.
     ``reuse=True`` skips the run (returns None) when ``run_dir/done.json`` records the same command and recipe text.
 
     The launcher's output goes to ``run_dir/train.log``; a failed run raises RuntimeError with the log's tail.
     """
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    args = [str(REPO_ROOT / "anima_ft" / "lab" / "train_entry.py"), "--config", str(config)]
-    for name, path in probe_sets.items():
-        args += ["--probe-set", f"{name}={path}"]
+    args = [str(REPO_ROOT / "launch" / "train.py"), "--config", str(config)]
     if probe_sets:
-        args += ["--probe-out", str(run_dir / "probe.jsonl"), *probe_args]
+        sets = ", ".join(f"{{name: {name}, path: '{path}'}}" for name, path in probe_sets.items())
+        args.append(f"eval.sets=[{sets}]")
     args += [f"run.dir={run_dir}", "checkpoint.resume=none", *overrides]
     record = json.dumps({"nproc": nproc, "args": args, "config_text": Path(config).read_text()}, indent=1)
     done = run_dir / "done.json"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from anima_ft.eval.probe import read_probe_log
 from anima_ft.lab import pipeline
 from anima_ft.lab.report import VariantResult, mean, write_report
 
@@ -76,9 +77,9 @@ def stage_overrides(config: Path, total: int) -> list[str]:
 
 def variant_from_probe(name: str, description: str, probe_path: Path) -> VariantResult:
     """Build the report's view of one fine-tune from its ``probe.jsonl``."""
-    lines = [json.loads(line) for line in probe_path.read_text().splitlines() if line.strip()]
+    lines = read_probe_log(probe_path) if probe_path.is_file() else []
     if not lines:
-        raise RuntimeError(f"{probe_path} is empty: the probe callback did not run")
+        raise RuntimeError(f"{probe_path} is missing or empty: the trainer's probe did not run")
     steps = [rec["step"] for rec in lines]
     curve = {s: [[mean(col) for col in zip(*rec["per_image"][s])] for rec in lines] for s in lines[0]["per_image"]}
     end = {s: [mean(row) for row in lines[-1]["per_image"][s]] for s in lines[-1]["per_image"]}
@@ -117,7 +118,7 @@ def train_base(args: argparse.Namespace, out: Path, preset: dict, sources: list[
                  f"data.sources.1.weight={counts['replay_train'] / total}"]
     if args.quick:
         overrides.append("stages.0.warmup_steps=5")
-    return pipeline.launch_training(config, out / "pretrain", overrides, args.nproc, {}, [], out / "base.safetensors",
+    return pipeline.launch_training(config, out / "pretrain", overrides, args.nproc, {}, out / "base.safetensors",
                                     args.reuse_runs)
 
 
@@ -132,12 +133,12 @@ def train_variants(args: argparse.Namespace, out: Path, preset: dict, sources: l
         recipe, description = VARIANTS[name]
         config = args.configs / recipe
         overrides = [*sources, f"run.seed={args.seed}", f"model.init_path={out / 'base.safetensors'}",
-                     f"eval.probe_every_steps={preset['probe_every']}",
+                     f"eval.probe_every_steps={preset['probe_every']}", f"eval.seed={args.seed}",
                      *stage_overrides(config, preset["finetune_steps"])]
         export = out / f"{name}.safetensors"
         try:
-            seconds = pipeline.launch_training(config, out / f"ft_{name}", overrides, args.nproc, probe_sets, [],
-                                               export, args.reuse_runs)
+            seconds = pipeline.launch_training(config, out / f"ft_{name}", overrides, args.nproc, probe_sets, export,
+                                               args.reuse_runs)
         except RuntimeError as err:
             logger.error("variant %s failed: %s", name, err)
             failed[name] = str(err)
@@ -201,7 +202,7 @@ def main(argv: list[str]) -> int:
         timings["redistribution variant"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
-    first_probe = json.loads((out / f"ft_{results[0].name}" / "probe.jsonl").read_text().splitlines()[0])
+    first_probe = read_probe_log(out / f"ft_{results[0].name}" / "probe.jsonl")[0]
     meta = {
         "seed": args.seed, "sigmas": first_probe["sigmas"], "num_noises": first_probe["num_noises"],
         "held_out": HELD_OUT, "target": TARGET, "baseline": "no_replay",

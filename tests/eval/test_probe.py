@@ -87,6 +87,34 @@ def test_runner_metrics_and_baseline(tiny_model_f64, samples):
         ProbeRunner({"a": samples}, sigmas=SIGMAS, num_noises=4).load_state_dict(runner.state_dict())
 
 
+def test_runner_log_holds_every_image_and_readers_keep_the_last_line_per_step(tmp_path, samples):
+    from anima_ft.eval.probe import read_probe_log
+    from anima_ft.model import AnimaConfig, build_anima
+
+    model = randomize_(build_anima(AnimaConfig.tiny(), dtype=torch.float64, seed=0), seed=3)
+    log = tmp_path / "run" / "probe.jsonl"
+    sets = {"target": samples[:2], "replay": samples[2:]}
+    runner = ProbeRunner(sets, sigmas=SIGMAS, num_noises=2, every_steps=5, log_path=log)
+    m0 = runner.run(model, 0)
+    tables = evaluate_sets(model, sets, SIGMAS, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    runner.run(model, 5)
+    m5 = runner.run(model, 5)  # a resumed run probes step 5 again
+    with open(log, "a") as fh:
+        fh.write('{"step": 10, "per_im')  # torn by a crash
+    recs = read_probe_log(log)
+    assert [r["step"] for r in recs] == [0, 5]
+    assert recs[0]["per_image"] == {name: t.tolist() for name, t in tables.items()}
+    assert recs[0]["keys"] == {name: [x.key for x in xs] for name, xs in sets.items()}
+    assert (recs[0]["sigmas"], recs[0]["num_noises"], recs[0]["seed"]) == (list(SIGMAS), 2, 0)
+    assert recs[0]["metrics"] == m0 and recs[1]["metrics"] == m5
+    for j, sigma in enumerate(SIGMAS):  # the logged per-image rows average to the logged metrics
+        col = [row[j] for row in recs[1]["per_image"]["replay"]]
+        assert sum(col) / len(col) == pytest.approx(m5[f"probe/replay/sigma_{sigma}"], rel=1e-12)
+
+
 def test_bad_inputs_are_clear():
     with pytest.raises(ValueError, match="outside"):
         ProbeRunner({"a": make_samples()}, sigmas=(0.2, 200.0))
