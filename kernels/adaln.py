@@ -29,6 +29,16 @@ from kernels._common import INTERPRET, check_device, next_pow2, warn_once
 
 
 @triton.jit
+def _row_tile(b, first_row, L, C, offs_c, c_ok, BLOCK_R: tl.constexpr):
+    """Rows ``first_row + [0, BLOCK_R)`` of sample ``b`` in a contiguous ``[B, L, C]``: ``(r_ok, mask, row_ids,
+    offs)`` with the [BLOCK_R, BLOCK_C] mask, flat row ids (for per-row stats) and element offsets."""
+    rows = first_row + tl.arange(0, BLOCK_R)
+    r_ok = rows < L
+    row_ids = b.to(tl.int64) * L + rows
+    return r_ok, r_ok[:, None] & c_ok[None, :], row_ids, row_ids[:, None] * C + offs_c[None, :]
+
+
+@triton.jit
 def _adaln_fwd_kernel(
     X, GATE, Y, SHIFT, SCALE, XNEW, OUT, MEAN, RSTD, L, C, eps,
     HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -42,11 +52,7 @@ def _adaln_fwd_kernel(
     if HAS_RES:
         gate = tl.load(GATE + b * C + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     for r0 in range(0, ROWS, BLOCK_R):
-        rows = pid_l * ROWS + r0 + tl.arange(0, BLOCK_R)
-        r_ok = rows < L
-        m2 = r_ok[:, None] & c_ok[None, :]
-        row_ids = b.to(tl.int64) * L + rows
-        offs = row_ids[:, None] * C + offs_c[None, :]
+        r_ok, m2, row_ids, offs = _row_tile(b, pid_l * ROWS + r0, L, C, offs_c, c_ok, BLOCK_R)
         x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
         if HAS_RES:
             y = tl.load(Y + offs, mask=m2, other=0.0).to(tl.float32)
@@ -80,11 +86,7 @@ def _adaln_bwd_kernel(
     dscale = tl.zeros([BLOCK_C], tl.float32)
     dgate = tl.zeros([BLOCK_C], tl.float32)
     for r0 in range(0, ROWS, BLOCK_R):
-        rows = pid_l * ROWS + r0 + tl.arange(0, BLOCK_R)
-        r_ok = rows < L
-        m2 = r_ok[:, None] & c_ok[None, :]
-        row_ids = b.to(tl.int64) * L + rows
-        offs = row_ids[:, None] * C + offs_c[None, :]
+        r_ok, m2, row_ids, offs = _row_tile(b, pid_l * ROWS + r0, L, C, offs_c, c_ok, BLOCK_R)
         x = tl.load(XN + offs, mask=m2, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + row_ids, mask=r_ok, other=0.0)
         rstd = tl.load(RSTD + row_ids, mask=r_ok, other=0.0)

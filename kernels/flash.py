@@ -56,6 +56,28 @@ def _load_tile(PTR, offs_l, l_ok, offs_d, d_ok, stride_l):
 
 
 @triton.jit
+def _tile_ids(H, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile: ``(pid_bh, b, h, offs_l, l_ok, offs_d, d_ok)`` for grid ``(cdiv(L, BLOCK_L), B * H)``."""
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_bh, pid_bh // H, pid_bh % H, offs_l, offs_l < L, offs_d, offs_d < D
+
+
+@triton.jit
+def _head(PTR, b, h, stride_b, stride_h):
+    """Pointer to head ``h`` of sample ``b`` in a strided ``[B, L, H, D]`` tensor (64-bit batch offset)."""
+    return PTR + b.to(tl.int64) * stride_b + h * stride_h
+
+
+@triton.jit
+def _dense_offsets(b, h, offs_l, offs_d, L, H, D):
+    """Element offsets of rows ``offs_l`` of head ``h``, sample ``b``, in a contiguous ``[B, L, H, D]`` tensor."""
+    return b.to(tl.int64) * L * H * D + h * D + offs_l.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+
+
+@triton.jit
 def _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK: tl.constexpr):
     """True for keys inside ``Lk`` and (with a mask) marked valid."""
     valid = offs_n < Lk
@@ -76,17 +98,10 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Lq
-    d_ok = offs_d < D
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, m_ok, offs_d, d_ok, stride_ql)
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    pid_bh, b, h, offs_m, m_ok, offs_d, d_ok = _tile_ids(H, Lq, D, BLOCK_M, BLOCK_D)
+    q = _load_tile(_head(Q, b, h, stride_qb, stride_qh), offs_m, m_ok, offs_d, d_ok, stride_ql)
+    k_base = _head(K, b, h, stride_kb, stride_kh)
+    v_base = _head(V, b, h, stride_vb, stride_vh)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -112,7 +127,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
-    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_ol
+    o_ptrs = _head(OUT, b, h, stride_ob, stride_oh) + offs_m.to(tl.int64)[:, None] * stride_ol
     tl.store(o_ptrs + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
 
@@ -120,17 +135,11 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_delta_kernel(OUT, DO, DELTA, H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``delta[b, h, i] = o_i . do_i`` in fp32; OUT and DO contiguous ``[B, Lq, H, D]``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Lq
-    d_ok = offs_d < D
-    base = b.to(tl.int64) * Lq * H * D + h * D
-    o = _load_tile(OUT + base, offs_m, m_ok, offs_d, d_ok, H * D).to(tl.float32)
-    do = _load_tile(DO + base, offs_m, m_ok, offs_d, d_ok, H * D).to(tl.float32)
+    pid_bh, b, h, offs_m, m_ok, offs_d, d_ok = _tile_ids(H, Lq, D, BLOCK_M, BLOCK_D)
+    offs = _dense_offsets(b, h, offs_m, offs_d, Lq, H, D)
+    md_ok = m_ok[:, None] & d_ok[None, :]
+    o = tl.load(OUT + offs, mask=md_ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=md_ok, other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
@@ -143,19 +152,12 @@ def _attn_bwd_dkdv_jit(
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv for one key tile over all query tiles; with ATOMIC_DQ also adds this tile's share of dq (fp32)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < Lk
-    d_ok = offs_d < D
+    pid_bh, b, h, offs_n, n_ok, offs_d, d_ok = _tile_ids(H, Lk, D, BLOCK_N, BLOCK_D)
     if MASK_KEYS:
         valid = _key_valid(KMASK, b, stride_mb, offs_n, Lk, HAS_MASK)
-    k = _load_tile(K + b.to(tl.int64) * stride_kb + h * stride_kh, offs_n, n_ok, offs_d, d_ok, stride_kl)
-    v = _load_tile(V + b.to(tl.int64) * stride_vb + h * stride_vh, offs_n, n_ok, offs_d, d_ok, stride_vl)
-    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    k = _load_tile(_head(K, b, h, stride_kb, stride_kh), offs_n, n_ok, offs_d, d_ok, stride_kl)
+    v = _load_tile(_head(V, b, h, stride_vb, stride_vh), offs_n, n_ok, offs_d, d_ok, stride_vl)
+    q_base = _head(Q, b, h, stride_qb, stride_qh)
     do_base = DO + b.to(tl.int64) * Lq * H * D + h * D  # DO is contiguous [B, Lq, H, D]
     row_base = pid_bh.to(tl.int64) * Lq
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -177,10 +179,8 @@ def _attn_bwd_dkdv_jit(
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale  # [BLOCK_M, BLOCK_D]
-            dq_offs = (b.to(tl.int64) * Lq * H * D + h * D + offs_m.to(tl.int64)[:, None] * (H * D)
-                       + offs_d[None, :])
-            tl.atomic_add(DQ + dq_offs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
-    out = b.to(tl.int64) * Lk * H * D + h * D + offs_n.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
+            tl.atomic_add(DQ + _dense_offsets(b, h, offs_m, offs_d, Lq, H, D), dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+    out = _dense_offsets(b, h, offs_n, offs_d, Lk, H, D)
     nd_ok = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=nd_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=nd_ok)
@@ -201,22 +201,14 @@ def _attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Lq
-    d_ok = offs_d < D
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, m_ok, offs_d, d_ok, stride_ql)
-    do_base = DO + b.to(tl.int64) * Lq * H * D + h * D
-    do = _load_tile(do_base, offs_m, m_ok, offs_d, d_ok, H * D)
+    pid_bh, b, h, offs_m, m_ok, offs_d, d_ok = _tile_ids(H, Lq, D, BLOCK_M, BLOCK_D)
+    q = _load_tile(_head(Q, b, h, stride_qb, stride_qh), offs_m, m_ok, offs_d, d_ok, stride_ql)
+    do = _load_tile(DO + b.to(tl.int64) * Lq * H * D + h * D, offs_m, m_ok, offs_d, d_ok, H * D)
     row_base = pid_bh.to(tl.int64) * Lq
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    k_base = _head(K, b, h, stride_kb, stride_kh)
+    v_base = _head(V, b, h, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -231,8 +223,7 @@ def _attn_bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    out = b.to(tl.int64) * Lq * H * D + h * D + offs_m.to(tl.int64)[:, None] * (H * D) + offs_d[None, :]
-    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(DQ + _dense_offsets(b, h, offs_m, offs_d, Lq, H, D), (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -31,15 +31,19 @@ from kernels._common import INTERPRET, next_pow2
 
 
 @triton.jit
-def _row_offsets(pid, n_rows, L, H, stride_b, stride_l, stride_h, BLOCK_R: tl.constexpr):
-    """Row ids of this program, their validity, position l, and element offsets into a strided [B, L, H, D]."""
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n_rows
+def _row_tile(n_rows, L, H, D, stride_b, stride_l, stride_h, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows (one row = one (b, l, h) head vector): ``(rows, row_ok, pos, offs, offs_d, d_ok, mask)``
+    with the position l of each row, its element offset into a strided [B, L, H, D], and the [BLOCK_R, BLOCK_D]
+    mask."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     h = rows % H
     pos = (rows // H) % L
     b = rows // (H * L)
     offs = b.to(tl.int64) * stride_b + pos.to(tl.int64) * stride_l + h.to(tl.int64) * stride_h
-    return rows, row_ok, pos, offs
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    row_ok = rows < n_rows
+    return rows, row_ok, pos, offs, offs_d, d_ok, row_ok[:, None] & d_ok[None, :]
 
 
 @triton.jit
@@ -48,11 +52,8 @@ def _norm_rope_fwd_kernel(
     n_rows, L, H, D, stride_xb, stride_xl, stride_xh, stride_cl, eps,
     HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows, row_ok, pos, x_offs = _row_offsets(pid, n_rows, L, H, stride_xb, stride_xl, stride_xh, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    m2 = row_ok[:, None] & d_ok[None, :]
+    rows, row_ok, pos, x_offs, offs_d, d_ok, m2 = _row_tile(n_rows, L, H, D, stride_xb, stride_xl, stride_xh,
+                                                            BLOCK_R, BLOCK_D)
     x = tl.load(X + x_offs[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     w = tl.load(W + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -79,11 +80,8 @@ def _norm_rope_bwd_kernel(
     n_rows, L, H, D, stride_xb, stride_xl, stride_xh, stride_cl,
     HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows, row_ok, pos, x_offs = _row_offsets(pid, n_rows, L, H, stride_xb, stride_xl, stride_xh, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    m2 = row_ok[:, None] & d_ok[None, :]
+    rows, row_ok, pos, x_offs, offs_d, d_ok, m2 = _row_tile(n_rows, L, H, D, stride_xb, stride_xl, stride_xh,
+                                                            BLOCK_R, BLOCK_D)
     y_offs = rows.to(tl.int64)[:, None] * D
     g = tl.load(DY + y_offs + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
     if HAS_ROPE:
@@ -102,7 +100,7 @@ def _norm_rope_bwd_kernel(
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     w = tl.load(W + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     xhat = x * rstd[:, None]
-    tl.store(DW_PARTIAL + pid * BLOCK_D + offs_d, tl.sum(dn * xhat, axis=0))
+    tl.store(DW_PARTIAL + tl.program_id(0) * BLOCK_D + offs_d, tl.sum(dn * xhat, axis=0))
     dxhat = dn * w[None, :]
     c = tl.sum(dxhat * xhat, axis=1) / D
     dx = rstd[:, None] * (dxhat - xhat * c[:, None])
