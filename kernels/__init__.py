@@ -15,6 +15,7 @@ Each resolves on first use to the Triton implementation; call :func:`triton_avai
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Any
 
@@ -25,7 +26,17 @@ __all__ = [
     "modulated_layer_norm",
     "qk_norm_rope_attention",
     "triton_available",
+    "warn_once",
 ]
+
+_warned: set[str] = set()
+
+
+def warn_once(msg: str) -> None:
+    """Log ``msg`` as a warning the first time it is seen (fallbacks must never be silent, nor spam the log)."""
+    if msg not in _warned:
+        _warned.add(msg)
+        logging.getLogger("kernels").warning(msg)
 
 _LAZY = {
     "qk_norm_rope_attention": "kernels.attention",

@@ -11,20 +11,14 @@ import os
 import torch
 import triton
 
+from kernels import warn_once  # noqa: F401  (re-exported for the kernel modules)
+
 log = logging.getLogger("kernels")
-_warned: set[str] = set()
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Triton's dot needs every matrix dim >= 16, so tiny head dims are padded up to this.
 MIN_DOT_DIM = 16
-
-
-def warn_once(msg: str) -> None:
-    """Log ``msg`` as a warning the first time it is seen (fallbacks must never be silent, nor spam the log)."""
-    if msg not in _warned:
-        _warned.add(msg)
-        log.warning(msg)
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:

@@ -16,18 +16,11 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from kernels import reference
+from kernels import reference, warn_once
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "reference", "triton")
-_warned: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        log.warning(msg)
 
 
 def _reference_ops(use_sdpa: bool) -> SimpleNamespace:
@@ -46,12 +39,12 @@ def _triton_ops() -> SimpleNamespace | None:
         import kernels
 
         if not kernels.triton_available():
-            _warn_once("attention backend 'triton' requested but Triton cannot run here (no CUDA GPU and "
+            warn_once("attention backend 'triton' requested but Triton cannot run here (no CUDA GPU and "
                        "TRITON_INTERPRET is not set): falling back to 'sdpa'")
             return None
         from kernels import adaln, attention
     except Exception as exc:  # an import failure of an optional accelerator must not stop training
-        _warn_once(f"attention backend 'triton' unavailable ({exc!r}): falling back to 'sdpa'")
+        warn_once(f"attention backend 'triton' unavailable ({exc!r}): falling back to 'sdpa'")
         return None
     return SimpleNamespace(
         qk_norm_rope_attention=attention.qk_norm_rope_attention,

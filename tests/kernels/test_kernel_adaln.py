@@ -109,9 +109,9 @@ def test_bad_shapes_raise(bad, device):
 
 
 def test_float64_falls_back_to_reference_with_one_warning(device, caplog, monkeypatch):
-    import kernels._common
+    import kernels
 
-    monkeypatch.setattr(kernels._common, "_warned", set())  # warn-once state must not leak between tests
+    monkeypatch.setattr(kernels, "_warned", set())  # warn-once state must not leak between tests
     from kernels.adaln import gated_residual_modulated_layer_norm, modulated_layer_norm
 
     g = torch.Generator().manual_seed(6)

@@ -203,9 +203,9 @@ def test_bad_inputs_raise(change, match, device):
 
 
 def test_float64_falls_back_to_reference(device, caplog, monkeypatch):
-    import kernels._common
+    import kernels
 
-    monkeypatch.setattr(kernels._common, "_warned", set())  # warn-once state must not leak between tests
+    monkeypatch.setattr(kernels, "_warned", set())  # warn-once state must not leak between tests
     from kernels.attention import qk_norm_rope_attention
 
     tensors, kwargs = _inputs(2, 5, 6, 2, 16, "separate", "one_empty_row", seed=17)
