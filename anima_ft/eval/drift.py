@@ -111,13 +111,18 @@ class Comparison:
     only_in_b: list[str]
 
 
-def compare_files(a_path: str | Path, b_path: str | Path, label: str | None = None) -> Comparison:
-    """Per-tensor and per-group drift of ``b_path`` relative to ``a_path`` (tensors loaded one pair at a time)."""
+def compare_files(a_path: str | Path, b_path: str | Path, label: str | None = None,
+                  progress: bool = False) -> Comparison:
+    """Per-tensor and per-group drift of ``b_path`` relative to ``a_path`` (tensors loaded one pair at a time;
+    ``progress`` shows a bar over the tensors)."""
+    from tqdm import tqdm
+
     names_a, names_b = checkpoint_names(a_path), checkpoint_names(b_path)
     common = sorted(set(names_a) & set(names_b))
     tensors: dict[str, DriftStats] = {}
     with safe_open(str(a_path), framework="pt") as fa, safe_open(str(b_path), framework="pt") as fb:
-        for name in common:
+        for name in tqdm(common, desc=f"drift {Path(b_path).name}", unit="tensor", disable=not progress,
+                         dynamic_ncols=True):
             shape_a = tuple(fa.get_slice(names_a[name]).get_shape())
             shape_b = tuple(fb.get_slice(names_b[name]).get_shape())
             if shape_a != shape_b:
@@ -195,7 +200,7 @@ def main(argv: list[str]) -> int:
     if len(labels) != len(args.checkpoints):
         ap.error(f"--labels has {len(labels)} names for {len(args.checkpoints)} checkpoints")
     label_of = dict(zip(args.checkpoints, labels))
-    comparisons = [compare_files(a, b, f"{label_of[b]} vs {label_of[a]}")
+    comparisons = [compare_files(a, b, f"{label_of[b]} vs {label_of[a]}", progress=True)
                    for a, b in _pairs(args.checkpoints, args.chain)]
     table = markdown_table(comparisons)
     print(table)

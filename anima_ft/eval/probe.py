@@ -137,11 +137,13 @@ def evaluate_sets(
     seed: int = 0,
     split_context: bool | None = None,
     equal_forwards: bool | None = None,
+    progress: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample probe losses of every set, sharded over ranks and reduced exactly: ``{set: float64 [N, J]}``.
 
     Call on every rank. Sample ``i`` of each set runs on rank ``i % world_size``; see the module docstring for why
-    the reduced result is bitwise independent of the world size.
+    the reduced result is bitwise independent of the world size. ``progress``: a label for a progress bar on rank 0
+    (command-line use; None = no bar).
     """
     sigmas = check_sigmas(sigmas)
     if num_noises < 1:
@@ -153,6 +155,12 @@ def evaluate_sets(
     reduce_device = device if (world > 1 and dist.get_backend() == "nccl") else torch.device("cpu")
     was_training = model.training
     model.eval()
+    bar = None
+    if progress is not None and rank == 0:
+        from tqdm import tqdm
+
+        total = sum(math.ceil(len(samples) / world) for samples in eval_sets.values())
+        bar = tqdm(total=total, desc=progress, unit="img", dynamic_ncols=True)
     try:
         results: dict[str, torch.Tensor] = {}
         for name, samples in eval_sets.items():
@@ -165,6 +173,8 @@ def evaluate_sets(
                     table[i] = sample_losses(model, samples[i], sigmas, num_noises, seed, split_context)
                 else:  # keep ZeRO-3 collectives in step with the busier ranks; result discarded
                     sample_losses(model, samples[0], sigmas, num_noises, seed, split_context)
+                if bar is not None:
+                    bar.update(1)
             if world > 1:
                 table = table.to(reduce_device)
                 dist.all_reduce(table, op=dist.ReduceOp.SUM)
@@ -172,6 +182,8 @@ def evaluate_sets(
             results[name] = table
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return results
 
 
@@ -200,6 +212,7 @@ class ProbeRunner:
         every_steps: int = 0,
         split_context: bool | None = None,
         log_path: str | Path | None = None,
+        progress: bool = False,
     ) -> None:
         check_eval_sets(dict(eval_sets))
         self.eval_sets = dict(eval_sets)
@@ -211,6 +224,7 @@ class ProbeRunner:
         self.every_steps = every_steps  # 0 = only step 0
         self.split_context = split_context
         self.log_path = None if log_path is None else Path(log_path)
+        self.progress = progress  # a progress bar on rank 0 per evaluation (command-line tools)
         self.baseline: dict[str, list[float]] | None = None
         self.history: list[tuple[int, dict[str, float]]] = []
 
@@ -223,7 +237,8 @@ class ProbeRunner:
         return {name: table.mean(dim=0) for name, table in self._tables(model).items()}
 
     def _tables(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return evaluate_sets(model, self.eval_sets, self.sigmas, self.num_noises, self.seed, self.split_context)
+        return evaluate_sets(model, self.eval_sets, self.sigmas, self.num_noises, self.seed, self.split_context,
+                             progress="probe" if self.progress else None)
 
     def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Evaluate, set the baseline on the first call, and return the flat metric dict (see class docstring)."""

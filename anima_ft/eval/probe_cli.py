@@ -195,7 +195,8 @@ def main(argv: list[str]) -> int:
         results = []
         for path in args.checkpoints:
             model = load_anima(path, adapter_path=args.adapter, device=args.device, dtype=resolve_dtype(args.dtype))
-            results.append(evaluate_sets(model, eval_sets, args.sigmas, args.num_noises, args.seed))
+            results.append(evaluate_sets(model, eval_sets, args.sigmas, args.num_noises, args.seed,
+                                         progress=f"probe {Path(path).name}"))
             logger.info("probed %s: %s", path, {k: v.mean(0).tolist() for k, v in results[-1].items()})
             del model
         if rank == 0:

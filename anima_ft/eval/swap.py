@@ -147,7 +147,7 @@ def run_attribution(a_path: str | Path, b_path: str | Path, eval_sets, sigmas, n
     """Probe the four (DiT, adapter) combinations; returns ``(losses[(d, a)][set] -> [J], attribution per set)``."""
     from anima_ft.eval.probe import ProbeRunner
 
-    runner = ProbeRunner(eval_sets, sigmas, num_noises, seed)
+    runner = ProbeRunner(eval_sets, sigmas, num_noises, seed, progress=True)
     paths = {"A": a_path, "B": b_path}
     losses: dict[tuple[str, str], dict[str, list[float]]] = {}
     for d in "AB":

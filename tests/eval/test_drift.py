@@ -92,8 +92,10 @@ def test_cli_writes_table_csv_and_heatmap(tmp_path, capsys):
         paths.append(_write(tmp_path / f"p{i}.safetensors", {k: v * (1 + 0.1 * i) for k, v in base.items()}))
     out = tmp_path / "out"
     assert drift.main([*paths, "--labels", "cosmos,p1,p2", "--out-dir", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "| blocks.0.self_attn |" in text and "rel p2 vs cosmos" in text
+    assert "drift p2.safetensors" in captured.err and "3/3" in captured.err  # a progress bar over the tensors
     rows = list(csv.DictReader(open(out / "drift_groups.csv")))
     p2 = [r for r in rows if r["comparison"] == "p2 vs cosmos" and r["group"] == "blocks.0.adaln"][0]
     assert float(p2["rel_change"]) == pytest.approx(0.2, rel=1e-6)  # b = 1.2 a -> ||b-a||/||a|| = 0.2

@@ -93,6 +93,8 @@ def test_probe_cli_end_to_end(ckpts, tmp_path, capsys):
     rc = probe_cli.main([ckpts["A"], ckpts["B"], "--eval-set", f"replay={shard_dir}", "--sigmas", "0.3,0.8",
                          "--num-noises", "2", "--dtype", "fp32", "--device", "cpu", "--out-dir", str(out)])
     assert rc == 0
+    err = capsys.readouterr().err  # one progress bar per checkpoint, ending at the 3 images
+    assert "probe run_step0.safetensors" in err and "probe run_step100.safetensors" in err and "3/3" in err
     rows = list(csv.DictReader(open(out / "probe.csv")))
     assert [(r["step"], r["sigma"]) for r in rows] == [("0", "0.3"), ("0", "0.8"), ("100", "0.3"), ("100", "0.8")]
     from anima_ft.eval.eval_sets import load_shard_eval_set
