@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("anima_ft.data.prepare_cli", "turn images + captions into pre-encoded webdataset shards"),
     "export": ("anima_ft.train.export", "ZeRO checkpoint -> one bf16 safetensors file in the official `net.` layout"),
     "probe": ("anima_ft.eval.probe_cli", "fixed-sigma forgetting probe on exported checkpoints (CSV + PNG)"),
+    "plot": ("anima_ft.observability.run_plots", "loss / probe / LR curves of training runs as PNGs (no wandb needed)"),
     "drift": ("anima_ft.eval.drift", "per-tensor / per-group weight drift between checkpoints (table + heatmap)"),
     "swap": ("anima_ft.eval.swap", "compose a checkpoint from one file's DiT and another's adapter"),
     "distill": ("anima_ft.distill.cli", "teacher velocities, redistribution attribution, the lab's distill variant"),
