@@ -3,6 +3,7 @@
 Usage (from the repository root, on the GPU machine; see kernels/bench/run_gpu.sh)::
 
     python3 kernels/bench/gpu_check.py [--out DIR] [--peer PATH/peer_baseline.py] [--peer-full] [--skip-tests]
+    python3 kernels/bench/gpu_check.py --peer-json DIR/baseline.json    # peer numbers from a peer run of this call
     TRITON_INTERPRET=1 python kernels/bench/gpu_check.py --smoke --skip-tests    # exercise the script on CPU
 
 Steps, each recorded even when another fails:
@@ -10,11 +11,14 @@ Steps, each recorded even when another fails:
 1. ``pytest -m gpu tests/kernels`` (bf16 outputs and gradients vs float64); log in ``DIR/pytest_gpu.log``.
 2. The peer baseline's measurements in this same process: sections 1-3 of ``peer_baseline.py`` (bf16 matmul
    ceiling, SDPA backends at B4 H16 S4096 D128 self and Skv 512 cross, unfused QK-norm+RoPE around SDPA).
-   ``--peer-full`` instead runs the whole file in a subprocess (needs diffusers; several minutes). A missing file
-   is recorded and the run goes on.
+   ``--peer-full`` instead runs the whole file in a subprocess (needs diffusers; several minutes), and
+   ``--peer-json`` reads the ``baseline.json`` of a peer run already made in this same call (launch/bench/
+   gpu_session.sh runs the peer once for this check and the whole-model benchmark). A missing file is recorded and
+   the run goes on.
 3. Our kernels vs the plain-PyTorch path (per SDPA backend) and SDPA alone, and the adaLN kernels vs eager.
 
-Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` (the table for kernels/README.md) and prints the table last.
+Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` (the table for kernels/README.md) after every step, so a run
+killed by a time limit keeps what finished, and prints the table last.
 """
 
 from __future__ import annotations
@@ -51,16 +55,19 @@ def _env() -> dict:
     return info
 
 
-def run_tests(out_dir: Path) -> dict:
+def run_tests(out_dir: Path, timeout_s: float = 300) -> dict:
     """``pytest -m gpu tests/kernels`` in a subprocess; returns rc and pytest's summary line."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/kernels", "-q", "-rA", "-p", "no:cacheprovider"]
     t0 = time.time()
     try:
-        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
-        return {"rc": "timeout", "seconds": time.time() - t0, "log_tail": str(exc.stdout)[-2000:]}
+        log = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else str(exc.stdout or "")
+        (out_dir / "pytest_gpu.log").write_text(log)
+        return {"rc": "timeout", "seconds": round(time.time() - t0, 1), "summary": f"timeout after {timeout_s:.0f} s",
+                "log_tail": log[-2000:]}
     log = res.stdout + res.stderr
     (out_dir / "pytest_gpu.log").write_text(log)
     lines = [ln for ln in log.strip().splitlines() if ln.strip()]
@@ -73,6 +80,15 @@ def find_peer(path: str | None) -> Path | None:
         if cand and (REPO / cand if not os.path.isabs(cand) else Path(cand)).is_file():
             return REPO / cand if not os.path.isabs(cand) else Path(cand)
     return None
+
+
+def read_peer_json(path: str) -> dict:
+    """Peer numbers from the ``baseline.json`` of a peer run made earlier in this same call."""
+    try:
+        peer = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return {"error": f"--peer-json {path}: {exc!r}"[:400]}
+    return {**peer, "from": str(path)}
 
 
 def run_peer(path: Path | None, full: bool, out_dir: Path) -> dict:
@@ -100,8 +116,8 @@ def run_peer(path: Path | None, full: bool, out_dir: Path) -> dict:
     return dict(ns["res"])
 
 
-def run_ours(smoke: bool) -> list[dict]:
-    """Every benchmark case; a failing case is recorded as an error row."""
+def run_ours(smoke: bool, on_row=lambda rows: None) -> list[dict]:
+    """Every benchmark case; a failing case is recorded as an error row. ``on_row(rows)`` runs after each case."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if smoke else torch.bfloat16  # the interpreter's bf16 dot is unreliable
     rows: list[dict] = []
@@ -114,6 +130,7 @@ def run_ours(smoke: bool) -> list[dict]:
             rows.append({"case": str(arg), "variant": f"ours ({fn.__name__} failed)", "error": traceback.format_exc()[-1500:]})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        on_row(rows)
     return rows
 
 
@@ -199,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/kernels_gpu_check"), help="output directory")
     ap.add_argument("--peer", default=None, help="path to peer_baseline.py (default: search PEER_SEARCH)")
     ap.add_argument("--peer-full", action="store_true", help="run the whole peer script (diffusers DiT steps too)")
+    ap.add_argument("--peer-json", default=None,
+                    help="baseline.json of a peer run made earlier in this call (used instead of running the peer)")
+    ap.add_argument("--tests-timeout", type=float, default=300, help="seconds allowed for the pytest step")
     ap.add_argument("--skip-tests", action="store_true", help="skip the bf16 pytest step")
     ap.add_argument("--skip-peer", action="store_true", help="skip the peer baseline")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, fp32: exercise the script on CPU")
@@ -207,16 +227,29 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = _env()
     print("env", env, flush=True)
-    tests = {"summary": "skipped"} if args.skip_tests else run_tests(out_dir)
+    tests: dict = {"summary": "not run yet"}
+    peer: dict = {"error": "not run yet"}
+
+    def write(rows: list[dict]) -> str:  # after every step: a run killed by a time limit keeps what finished
+        result = {"env": env, "tests": tests, "ours": rows, "peer": peer, "autotune": _autotune_choices(),
+                  "verdicts": verdicts(rows, peer)}
+        (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+        md = markdown(env, tests, rows, peer)
+        (out_dir / "gpu_check.md").write_text(md)
+        return md
+
+    tests = {"summary": "skipped"} if args.skip_tests else run_tests(out_dir, args.tests_timeout)
     print("tests", tests, flush=True)
-    peer = {"error": "skipped"} if args.skip_peer or args.smoke else run_peer(find_peer(args.peer), args.peer_full,
-                                                                               out_dir)
-    rows = run_ours(args.smoke)
-    result = {"env": env, "tests": tests, "ours": rows, "peer": peer, "autotune": _autotune_choices(),
-              "verdicts": verdicts(rows, peer)}
-    (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
-    md = markdown(env, tests, rows, peer)
-    (out_dir / "gpu_check.md").write_text(md)
+    write([])
+    if args.skip_peer or args.smoke:
+        peer = {"error": "skipped"}
+    elif args.peer_json and Path(args.peer_json).is_file():
+        peer = read_peer_json(args.peer_json)
+    else:  # no finished peer run in this call: measure its attention part here
+        peer = run_peer(find_peer(args.peer), args.peer_full, out_dir)
+    write([])
+    rows = run_ours(args.smoke, on_row=write)
+    md = write(rows)
     print(md, flush=True)
     failed_case = any("error" in r and r["variant"].startswith("ours") for r in rows)
     return 0 if tests.get("rc", 0) == 0 and not failed_case else 1
