@@ -7,7 +7,7 @@ Usage (CPU is fine; TRITON_INTERPRET must be unset)::
 For each kernel and each autotune config at the Anima shapes (bf16; D 128 unmasked for the DiT, D 64 masked for
 the adapter; adaLN C 2048), this prints registers per thread, spilled bytes, shared memory and whether the PTX
 uses Hopper's wgmma instructions. A variant that fails to compile is reported (the GPU's autotuner would skip it).
-This catches GPU-only compile errors and register spills before spending device time. It is not a test.
+This catches GPU-only compile errors and register spills before spending GPU time. It is not a test.
 """
 
 from __future__ import annotations

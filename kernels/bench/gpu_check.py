@@ -1,9 +1,9 @@
-"""One-call GPU check for kernels/: bf16 correctness tests, kernel timings, and the peer baseline beside them.
+"""One-command GPU check for kernels/: bf16 correctness tests, kernel timings, and the peer baseline beside them.
 
 Usage (from the repository root, on the GPU machine; see kernels/bench/run_gpu.sh)::
 
     python3 kernels/bench/gpu_check.py [--out DIR] [--peer PATH/peer_baseline.py] [--peer-full] [--skip-tests]
-    python3 kernels/bench/gpu_check.py --peer-json DIR/baseline.json    # peer numbers from a peer run of this call
+    python3 kernels/bench/gpu_check.py --peer-json DIR/baseline.json    # peer numbers from a peer run of this run
     TRITON_INTERPRET=1 python kernels/bench/gpu_check.py --smoke --skip-tests    # exercise the script on CPU
 
 Steps, each recorded even when another fails:
@@ -12,7 +12,7 @@ Steps, each recorded even when another fails:
 2. The peer baseline's measurements in this same process: sections 1-3 of ``peer_baseline.py`` (bf16 matmul
    ceiling, SDPA backends at B4 H16 S4096 D128 self and Skv 512 cross, unfused QK-norm+RoPE around SDPA).
    ``--peer-full`` instead runs the whole file in a subprocess (needs diffusers; several minutes), and
-   ``--peer-json`` reads the ``baseline.json`` of a peer run already made in this same call (launch/bench/
+   ``--peer-json`` reads the ``baseline.json`` of a peer run already made in this same run (launch/bench/
    gpu_session.sh runs the peer once for this check and the whole-model benchmark). A missing file is recorded and
    the run goes on.
 3. Our kernels vs the plain-PyTorch path (per SDPA backend) and SDPA alone, and the adaLN kernels vs eager.
@@ -83,7 +83,7 @@ def find_peer(path: str | None) -> Path | None:
 
 
 def read_peer_json(path: str) -> dict:
-    """Peer numbers from the ``baseline.json`` of a peer run made earlier in this same call."""
+    """Peer numbers from the ``baseline.json`` of a peer run made earlier in this same run."""
     try:
         peer = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -151,7 +151,7 @@ def _fmt(x, nd=3) -> str:
 
 
 def verdicts(rows: list[dict], peer: dict) -> list[str]:
-    """The issue's targets, checked against the numbers of this call."""
+    """The issue's targets, checked against the numbers of this run."""
     get = lambda case, var: next((r for r in rows if r.get("case") == case and r["variant"] == var), {})
 
     def best(case):  # the fastest of our variants (default, saved prologue, atomic dq), by fwd+bwd time
@@ -181,7 +181,7 @@ def verdicts(rows: list[dict], peer: dict) -> list[str]:
                          f"{'PASS' if min(sp_f, sp_fb) >= 2 else 'FAIL'}")
     p = peer.get("prologue_qknorm_rope_sdpa", {})
     if "fwdbwd_ms" in p and "fwdbwd_ms" in s:
-        lines.append(f"peer unfused QK-norm+RoPE+SDPA fwd+bwd {p['fwdbwd_ms']:.3f} ms (same call) -> "
+        lines.append(f"peer unfused QK-norm+RoPE+SDPA fwd+bwd {p['fwdbwd_ms']:.3f} ms (same run) -> "
                      f"ours is {p['fwdbwd_ms'] / s['fwdbwd_ms']:.2f}x faster")
     return lines
 
@@ -200,7 +200,7 @@ def markdown(env: dict, tests: dict, rows: list[dict], peer: dict) -> str:
         md.append(f"| {r.get('case')} | {r.get('shape', '')} | {r['variant']} | {_fmt(r.get('fwd_ms'))} | "
                   f"{_fmt(r.get('fwd_tflops'), 0)} | {_fmt(r.get('fwdbwd_ms'))} | {_fmt(r.get('fwdbwd_tflops'), 0)} "
                   f"| {note} |")
-    md += ["", "Peer baseline, same call:" if "error" not in peer else f"Peer baseline: {peer['error'][:300]}"]
+    md += ["", "Peer baseline, same run:" if "error" not in peer else f"Peer baseline: {peer['error'][:300]}"]
     for k, v in peer.items():
         if isinstance(v, dict) and ("fwd_ms" in v or "error" in v):
             md.append(f"- {k}: " + ", ".join(f"{a} {_fmt(b)}" for a, b in v.items()))
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer", default=None, help="path to peer_baseline.py (default: search PEER_SEARCH)")
     ap.add_argument("--peer-full", action="store_true", help="run the whole peer script (diffusers DiT steps too)")
     ap.add_argument("--peer-json", default=None,
-                    help="baseline.json of a peer run made earlier in this call (used instead of running the peer)")
+                    help="baseline.json of a peer run made earlier in this session (used instead of running the peer)")
     ap.add_argument("--tests-timeout", type=float, default=300, help="seconds allowed for the pytest step")
     ap.add_argument("--skip-tests", action="store_true", help="skip the bf16 pytest step")
     ap.add_argument("--skip-peer", action="store_true", help="skip the peer baseline")
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         peer = {"error": "skipped"}
     elif args.peer_json and Path(args.peer_json).is_file():
         peer = read_peer_json(args.peer_json)
-    else:  # no finished peer run in this call: measure its attention part here
+    else:  # no finished peer run in this run: measure its attention part here
         peer = run_peer(find_peer(args.peer), args.peer_full, out_dir)
     write([])
     rows = run_ours(args.smoke, on_row=write)

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The one device call for kernels/: bf16 correctness tests, kernel timings, and the peer baseline beside them.
+# The kernels' GPU check in one command: bf16 correctness tests, kernel timings, and the peer baseline beside them.
 #
 #   bash kernels/bench/run_gpu.sh [PATH/peer_baseline.py] [extra gpu_check.py flags, e.g. --peer-full]
 #
-# The device machine sees only the repository, so before the call copy the peer script into an ignored folder and
-# carry it:  mkdir -p .peer && cp ../shared/bench/peer_baseline.py .peer/ && echo /.peer/ >> .git/info/exclude
-# then run(command="bash kernels/bench/run_gpu.sh .peer/peer_baseline.py", carry=[".peer"], timeout_s=540).
+# The peer script lives outside the repository: copy it into the ignored .peer/ first
+# (mkdir -p .peer && cp ../shared/bench/peer_baseline.py .peer/) and pass .peer/peer_baseline.py; allow 540 s.
 # Without it the script still runs, recording the peer step as missing. Results: $OUT/gpu_check.{md,json},
 # $OUT/pytest_gpu.log, $OUT/gpu_check.log. Reads the GPU state with nvidia-smi (query only, changes nothing).
 set -uo pipefail

@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# The one device call of a GPU session: kernels, whole-model throughput, trainer resume and the full-size recipe on
-# one GPU, each beside the peer baseline measured in the same call. Results: $OUT/gpu_session.md (the table),
-# $OUT/gpu_session.json, $OUT/logs.tar.gz (every step's log and JSON), $OUT/session.log. All four are rewritten
-# after every step, so a call killed at its time limit still returns what finished.
+# Every GPU check and benchmark in one command of under 9 minutes on one GPU: kernels, whole-model throughput,
+# trainer resume and the full-size recipe, each beside the peer baseline measured in the same run. Results:
+# $OUT/gpu_session.md (the table), $OUT/gpu_session.json, $OUT/logs.tar.gz (every step's log and JSON),
+# $OUT/session.log. All four are rewritten after every step, so a run killed at a time limit keeps what finished.
 #
-# One-time preparation, here (CPU machine, repo root):
-#   bash launch/bench/prepare_gpu_session.sh    # .whl/ (gpu_wheels.sh), .peer/ (peer script + stored baseline)
-# Device call (command, carry, timeout):
-#   run(command="bash launch/bench/gpu_session.sh", carry=[".whl", ".peer"], timeout_s=540)
+# For a GPU node without internet access, prepare on a machine that has it (repo root):
+#   bash launch/bench/prepare_gpu_session.sh    # .whl/ (the wheels the node lacks), .peer/ (peer script + baseline)
+# copy the repository with .whl/ and .peer/ to the node, and there run (allow 540 s):
+#   bash launch/bench/gpu_session.sh
 # CPU dry run of every step at tiny shapes (gloo, fp32, tiny model, Triton interpreter), ~2.5 minutes on 2 cores:
 #   SMOKE=1 OUT=/tmp/gpu_session_smoke bash launch/bench/gpu_session.sh
 #
 # Environment: OUT (default /tmp/gpu_session_out), GPU_SESSION_WORK (work dir, default /tmp/gpu_session),
 # BUDGET_S (wall seconds for all steps, default 515; 1500 with SMOKE=1), STEPS (comma list of
 # peer,kernels,model,resume,full,compile; default all), PEER_COMPILE (1 = the peer's torch.compile section too:
-# +~155 s, so only in a call that runs STEPS=peer,model,compile), PYTHON (default python3).
+# +~155 s, so only in a run with STEPS=peer,model,compile), PYTHON (default python3).
 #
 # Budget on one H100 (estimates from the peer's stored numbers, ../shared/baselines/h100_peer_2026-11-26.json, and
 # the CPU runs here). Steps run in order of value; each step's limit = min(cap, time left - what the later steps
@@ -35,7 +35,7 @@
 #   compile   ~60 s   200     0 s   what is left (>= 45 s): build ~15 s, block.compile() of one block graph shared
 #                                    by the 28 blocks (~40 s, a guess: the peer's whole-model compile took 150 s),
 #                                    7 steps at bs4 ~3 s, then the checkpointed variant
-#   total    ~490 s of BUDGET_S=515; the call's timeout_s 540 covers the last step's 10 s kill grace, the last
+#   total    ~490 s of BUDGET_S=515; the 540 s allowance covers the last step's 10 s kill grace, the last
 #            summary and the copy back.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -69,7 +69,7 @@ if [ "$SMOKE" = 1 ]; then SMOKE_ARG=(--smoke); fi
 if [ "$PEER_COMPILE" = 1 ]; then
     PEER_NOTE="The peer ran with COMPILE=1 (its torch.compile section included)."
 else
-    PEER_NOTE="The peer ran with COMPILE=0 to fit the call (its compile alone took 150 s in the stored run); its compiled number comes from the stored run."
+    PEER_NOTE="The peer ran with COMPILE=0 to fit the time budget (its compile alone took 150 s in the stored run); its compiled number comes from the stored run."
 fi
 
 echo "gpu_session: smoke=$SMOKE budget=${BUDGET_S}s steps=$STEPS out=$OUT work=$W"

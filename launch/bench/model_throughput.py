@@ -109,8 +109,8 @@ class Bench:
         self.peak = matmul_peak_tflops(self.smoke)
         self.res["our_matmul_tflops"] = self.peak
         if "matmul_bf16_tflops" in self.peer and self.peer_label.startswith("same"):
-            self.peak = float(self.peer["matmul_bf16_tflops"])  # the peer's denominator, measured in this call
-            self.res["mfu_peak_source"] = "peer matmul_bf16_tflops (same call)"
+            self.peak = float(self.peer["matmul_bf16_tflops"])  # the peer's denominator, measured in this run
+            self.res["mfu_peak_source"] = "peer matmul_bf16_tflops (same run)"
         else:
             self.res["mfu_peak_source"] = "our matmul measurement"
         self.res["mfu_peak_tflops"] = self.peak
@@ -218,8 +218,8 @@ class Bench:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="results JSON (rewritten after every configuration)")
-    ap.add_argument("--peer-json", default=None, help="baseline.json of the peer run in this same call")
-    ap.add_argument("--stored-peer", default=None, help="an earlier peer baseline.json, used where this call has none")
+    ap.add_argument("--peer-json", default=None, help="baseline.json of the peer run in this same run")
+    ap.add_argument("--stored-peer", default=None, help="an earlier peer baseline.json, used where this run has none")
     ap.add_argument("--backends", default="sdpa,triton")
     ap.add_argument("--batches", default="1,2,4")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled variant")

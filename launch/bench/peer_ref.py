@@ -1,4 +1,4 @@
-"""The peer reference for the GPU session: the peer's FLOP formula and its numbers (same call, or the stored run).
+"""The peer reference for the GPU session: the peer's FLOP formula and its numbers (same run, or the stored run).
 
 The peer script (``../shared/bench/peer_baseline.py``, carried as ``.peer/peer_baseline.py``) times diffusers'
 ``CosmosTransformer3DModel`` (the 2B DiT) and writes ``baseline.json``. Our whole-model numbers are divided by
@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PEER_SAME_CALL = "same call"
-PEER_STORED = "stored run (not this call)"
+PEER_SAME_CALL = "same run"
+PEER_STORED = "stored run (not this run)"
 
 
 def flops_per_image(S: int = 4096, T: int = 512, L: int = 28, C: int = 2048, Cc: int = 1024, m: float = 4) -> float:
@@ -41,9 +41,9 @@ def _read(path: str | Path | None) -> dict | None:
 
 
 def load_peer(same_call: str | Path | None, stored: str | Path | None) -> tuple[dict, str]:
-    """``(numbers, label)``: the peer run of this call when its file exists, else the stored run, else ``{}``.
+    """``(numbers, label)``: the peer run of this run when its file exists, else the stored run, else ``{}``.
 
-    A same-call file that lacks the DiT section (the peer died after its attention part) is completed with the
+    A same-run file that lacks the DiT section (the peer died after its attention part) is completed with the
     stored run's DiT entries, each marked ``"source": PEER_STORED``.
     """
     now, old = _read(same_call), _read(stored)

@@ -252,16 +252,16 @@ def main(argv: list[str] | None = None) -> int:
           f"| {env.get('time_utc', '-')} |", ""]
     peer_note = plan.get("peer_note", "")
     if label == PEER_SAME_CALL:
-        md.append(f"Peer (`.peer/peer_baseline.py`): measured in this call on {peer.get('gpu', '?')}, torch "
+        md.append(f"Peer (`.peer/peer_baseline.py`): measured in this run on {peer.get('gpu', '?')}, torch "
                   f"{peer.get('torch', '?')}, bf16 matmul {_f(peer.get('matmul_bf16_tflops'), 0)} TFLOP/s. {peer_note}")
     else:
-        md.append(f"Peer: NOT measured in this call; ratios use {label} ({args.stored_peer}). {peer_note}")
+        md.append(f"Peer: NOT measured in this run; ratios use {label} ({args.stored_peer}). {peer_note}")
     md += ["", "| step | status | seconds | limit s |", "|---|---|---|---|"]
     md += [f"| {s.get('step')} | {s.get('status')} | {_f(s.get('seconds'), 1)} | {_f(s.get('limit_s'), 0)} |"
            for s in steps]
     md.append("")
-    # the kernel check's own peer numbers (read from this call's peer file, or measured in its process) come first
-    kpeer, klabel = kernels.get("peer", {}), "measured in this call"
+    # the kernel check's own peer numbers (read from this run's peer file, or measured in its process) come first
+    kpeer, klabel = kernels.get("peer", {}), "measured in this run"
     if "attn_self_cudnn" not in kpeer:
         kpeer, klabel = peer, label
     k_md, k_rows = kernels_section(kernels, kpeer, klabel)

@@ -59,11 +59,11 @@ def test_summary_renders_ratios_and_missing_steps(tmp_path):
         "diffusers_dit_bs1_ckpt1": {"img_per_s": 2.0, "peak_mem_gb": 8.0}}))
     (work / "model.json").write_text(json.dumps({"params": 1956405248, "flops_per_image": 5.0e13, "rows": [
         {"name": "sdpa_bs1_ckpt1", "batch": 1, "ckpt": True, "compiled": False, "step_s": 0.25, "img_per_s": 4.0,
-         "peer_img_per_s": 2.0, "ratio_vs_peer": 2.0, "peer_source": "same call"}], "mfu_peak_tflops": 700.0}))
+         "peer_img_per_s": 2.0, "ratio_vs_peer": 2.0, "peer_source": "same run"}], "mfu_peak_tflops": 700.0}))
     (work / "steps.jsonl").write_text(json.dumps({"step": "model", "status": "ok", "seconds": 10, "limit_s": 99}))
     assert session_summary.main(["--work", str(work), "--out", str(out), "--stored-peer", ""]) == 0
     md = (out / "gpu_session.md").read_text()
-    assert "measured in this call on H100" in md and "| sdpa_bs1_ckpt1 | 1 | 1 | 0.250 | 4.00 |" in md
+    assert "measured in this run on H100" in md and "| sdpa_bs1_ckpt1 | 1 | 1 | 0.250 | 4.00 |" in md
     assert "x2.00" in md
     assert md.count("No results") == 3  # kernels, resume and full-size steps left nothing
     summary = json.loads((out / "gpu_session.json").read_text())
