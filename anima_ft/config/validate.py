@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from .schema import PARAM_GROUPS, Config
@@ -148,6 +149,10 @@ def validate(cfg: Config, world_size: int) -> None:
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ValueError(f"ema.decay={cfg.ema.decay} must be in [0, 1) (0 = off)")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
+    if cfg.logging.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"logging.wandb_mode={cfg.logging.wandb_mode} needs the wandb package, which is not "
+                         "installed here: `pip install wandb`, or set logging.wandb_mode=disabled (metrics.jsonl is "
+                         "always written; `anima-ft plot RUN` draws it)")
     _positive("logging.every_steps", cfg.logging.every_steps)
     _validate_eval(cfg)
     if cfg.distill.enabled:

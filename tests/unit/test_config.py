@@ -124,3 +124,15 @@ def test_zero_buckets_are_capped_at_the_model_size():
     assert build_deepspeed_config(cfg, 1)["zero_optimization"]["reduce_bucket_size"] == 50_000_000
     z = build_deepspeed_config(cfg, 1, num_params=1_238_144)["zero_optimization"]
     assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 1_238_144
+
+
+def test_wandb_mode_without_wandb_fails_before_work(monkeypatch):
+    import importlib.util
+
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", ["logging.wandb_mode=offline"])
+    validate(cfg, 1)  # installed in the dev environment
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="logging.wandb_mode=offline needs the wandb package"):
+        validate(cfg, 1)
+    validate(load_config(REPO / "configs" / "tiny_cpu.yaml", ["logging.wandb_mode=disabled"]), 1)
