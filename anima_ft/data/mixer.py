@@ -196,23 +196,75 @@ class MixedStream:
             "planner": self._planner.state_dict(),
             "micro": self._micro,
             "pending_weights": self._pending,
-            "layout": {**self._planner_args, "sources": self.catalog.names, "dp_rank": self.rank},
+            "layout": self._layout(),
             "seen": dict(self._seen),
             "skipped": dict(self._skipped),
         }
 
+    def _layout(self) -> dict:
+        return {**self._planner_args, "sources": self.catalog.names, "dp_rank": self.rank}
+
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict` output; live iterators restart from the loaded position."""
-        layout = {**self._planner_args, "sources": self.catalog.names, "dp_rank": self.rank}
-        if state["layout"] != layout:
-            diff = {k: (state["layout"].get(k), v) for k, v in layout.items() if state["layout"].get(k) != v}
-            log.warning("data state was saved with a different layout %s (saved, now): the sample order from here "
-                        "on differs from an uninterrupted run", diff)
+        """Resume from :meth:`state_dict` output; live iterators restart from the loaded position.
+
+        With the saved layout the stream continues exactly, mid global batch included. Another layout (world
+        size, rank, accumulation, micro-batch size, caption dropout) is accepted at a global-batch boundary only,
+        see :meth:`load_state_dicts`.
+        """
+        if state["layout"] != self._layout():
+            self._check_layout_change(state)
         self._planner.load_state_dict(state["planner"])
-        self._micro = int(state["micro"]) % self._planner.A
+        self._micro = int(state["micro"])
         self._pending = state["pending_weights"]
         self._seen, self._skipped = Counter(state["seen"]), Counter(state["skipped"])
         self._generation += 1
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue from every rank's :meth:`state_dict` of a run with another data-parallel layout.
+
+        The planner state (step, weights, carried error, per (source, bucket) cursors) is global and identical on
+        every saved rank, so it carries over as is: each (source, bucket) stream continues at its cursor (no sample
+        repeated or skipped within an epoch) and the mix stays exact. The global batches are those of an
+        uninterrupted run when ``micro_batch_size`` and ``grad_accum_steps x world_size`` are unchanged; otherwise
+        they are planned for the new shape from the same position. Per-rank counters (``seen``, ``skipped``) are
+        summed onto rank 0.
+        """
+        first = states[0]
+        for i, state in enumerate(states[1:], start=1):
+            if (state["planner"], state["micro"], state["pending_weights"]) != (
+                    first["planner"], first["micro"], first["pending_weights"]):
+                raise ValueError(f"saved rank {i}'s data-stream position differs from rank 0's; the checkpoint is "
+                                 "inconsistent")
+        merged = {**first, "seen": Counter(), "skipped": Counter(self.catalog.skipped)}
+        if self.rank == 0:  # validation-time skips are counted once per rank at construction: keep them once
+            for state in states:
+                merged["seen"].update(state["seen"])
+                merged["skipped"].update(Counter(state["skipped"]) - Counter(self.catalog.skipped))
+        self.load_state_dict(merged)
+
+    def _check_layout_change(self, state: dict) -> None:
+        """Refuse a layout change where continuing would repeat or skip samples; log what stays exact."""
+        old, new = state["layout"], self._layout()
+        if old["sources"] != new["sources"]:
+            raise ValueError(f"data state is for sources {old['sources']}, this stream has {new['sources']}")
+        if old["seed"] != new["seed"]:
+            raise ValueError(f"data state was saved with run.seed={old['seed']}, now {new['seed']}: the per-epoch "
+                             "orders would change mid-epoch (samples repeated and skipped); resume with the saved seed")
+        if state["micro"] != 0:
+            raise ValueError(f"data state was saved inside a global batch (micro-batch {state['micro']} of "
+                             f"{old['grad_accum_steps']}) and the layout changed {old} -> {new}; resume with the "
+                             "saved layout")
+        old_shape = (old["micro_batch_size"], old["grad_accum_steps"] * old["world_size"])
+        new_shape = (new["micro_batch_size"], new["grad_accum_steps"] * new["world_size"])
+        if old_shape == new_shape:
+            log.info("data: layout %s -> %s keeps micro_batch_size and grad_accum_steps x world_size, so the global "
+                     "batches continue exactly as in an uninterrupted run", old, new)
+        else:
+            log.warning("data: layout %s -> %s changes the shape of the global batch (micro_batch_size %d -> %d, "
+                        "micro-batches per global batch %d -> %d): the mix stays exact and every (source, bucket) "
+                        "stream continues at its position (no sample repeated or skipped), but global batches are "
+                        "planned for the new shape and differ from an uninterrupted run", old, new, old_shape[0],
+                        new_shape[0], old_shape[1], new_shape[1])
 
     def stats(self) -> dict:
         """``{"skipped": {reason: count}, "seen": {source: samples on this rank}, "global_step", "micro_step"}``."""

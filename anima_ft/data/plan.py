@@ -21,6 +21,11 @@ each consumer then loads only its own micro-batches. For global batch ``g`` with
 
 Steps 1-4 run as array operations over all micro-batches; only the micro-batches a consumer asks for get their
 sample ids, so a rank's planning cost per sample it loads does not grow with the world size.
+
+The state (global batch index, weights, carry, cursors) describes global positions only, never ranks, so it can be
+loaded into a planner of any layout. Global batch ``g`` depends on the state, the seed, ``M`` and the number of
+micro-batches ``A * W`` alone: a layout with the same ``M`` and ``A * W`` (e.g. 2 ranks x 1 accumulation step and 1
+rank x 2) plans the same micro-batches j, only loaded by other ranks (``j = a * W + rank``).
 """
 
 from __future__ import annotations

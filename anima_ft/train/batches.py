@@ -1,9 +1,11 @@
 """The trainer's micro-batch stream: the real ``MixedStream`` over pre-encoded shards, or a synthetic fixed dataset.
 
 The synthetic dataset (``data.sources`` empty) exists for tests and smoke runs: ``num_samples`` fixed samples
-generated from the run seed (smooth latents, random captions), cycled in order. Rank ``r`` takes micro-batch
-``j = a * W + r`` of every global batch, so the stream is a pure function of the number of micro-batches consumed
-and its state is one integer. It follows the batch contract (``anima_ft/data/mixer.py``).
+generated from the run seed (smooth latents, random captions), cycled in order. Global batch ``g`` holds the
+``B = M * A * W`` consecutive positions after the previous one and rank ``r`` takes micro-batch ``j = a * W + r``
+of it (positions ``j * M ...``), so the stream is a pure function of its start position and the number of
+micro-batches consumed. Any new layout continues the same global sequence from a global-batch boundary. It
+follows the batch contract (``anima_ft/data/mixer.py``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,17 @@ class SyntheticStream:
         self.t5_N_T = torch.randint(2, 32000, (n, num_tokens), generator=g)
         self.num_samples, self.micro, self.accum = n, micro_batch_size, grad_accum_steps
         self.rank, self.world = dp_rank, dp_world_size
-        self.consumed = 0  # micro-batches this rank has taken
+        self.start = 0  # global position of the first global batch of this layout
+        self.consumed = 0  # micro-batches this rank has taken since then
 
     def _indices(self, j: int) -> list[int]:
         a, i = divmod(j, self.accum)
-        start = ((a * self.accum + i) * self.world + self.rank) * self.micro
+        start = self.start + ((a * self.accum + i) * self.world + self.rank) * self.micro
         return [(start + b) % self.num_samples for b in range(self.micro)]
+
+    def _layout(self) -> dict:
+        return {"micro_batch_size": self.micro, "grad_accum_steps": self.accum, "world_size": self.world,
+                "dp_rank": self.rank}
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -64,12 +71,33 @@ class SyntheticStream:
         """No-op: the synthetic dataset has one source."""
 
     def state_dict(self) -> dict:
-        """The position in the stream."""
-        return {"consumed": self.consumed}
+        """The position in the stream: start, micro-batches consumed since, and the layout they assume."""
+        return {"consumed": self.consumed, "start": self.start, "layout": self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`."""
-        self.consumed = int(state["consumed"])
+        """Continue from :meth:`state_dict` of this layout (or of any layout, at a global-batch boundary)."""
+        layout = state.get("layout", self._layout())  # states written before the layout was stored: same layout
+        if layout == self._layout():
+            self.start, self.consumed = int(state.get("start", 0)), int(state["consumed"])
+            return
+        self.load_state_dicts([state])
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue from the per-rank states of a run with another layout (world size, accumulation or micro-batch
+        size), at the same global position; exact for any layout. Refuses a state saved inside a global batch."""
+        consumed = {int(s["consumed"]) for s in states}
+        layout = states[0]["layout"]
+        if len(consumed) != 1 or any(s.get("start", 0) != states[0].get("start", 0) for s in states):
+            raise ValueError(f"the saved ranks are at different stream positions ({sorted(consumed)}); the "
+                             "checkpoint is inconsistent")
+        n = consumed.pop()
+        if n % layout["grad_accum_steps"]:
+            raise ValueError(f"the synthetic stream was saved inside a global batch ({n} micro-batches with "
+                             f"grad_accum_steps={layout['grad_accum_steps']}); resume it with its saved layout")
+        self.start = int(states[0].get("start", 0)) + n * layout["world_size"] * layout["micro_batch_size"]
+        self.consumed = 0
+        logger.info("synthetic data: continuing at global position %d with layout %s (saved: %s)", self.start,
+                    self._layout(), layout)
 
     def stats(self) -> dict:
         """Counters in the ``MixedStream.stats`` layout."""
