@@ -197,6 +197,10 @@ class CheckpointConfig:
     """``auto`` (from ``latest`` in the run dir when present), ``none``, or a checkpoint directory."""
     save_at_end: bool = True
     """Save a checkpoint after the last step."""
+    allow_world_size_change: bool = True
+    """Resume a checkpoint saved by another number of ranks: converted once to a DeepSpeed universal checkpoint
+    (``step_N/universal``, about the size of the optimizer shards), data position kept, RNGs reseeded (README,
+    "Resuming on another world size"); false = refuse."""
 
 
 @dataclass

@@ -8,11 +8,13 @@ Layout of ``RUN/checkpoints``::
 
 A checkpoint counts only when every rank finished writing: all ranks write into ``step_N.partial``, meet at a
 barrier, then global rank 0 renames it to ``step_N`` and only then replaces ``latest`` (write-then-rename).
-Per-rank files hold that rank's RNG states and data-stream position.
+Per-rank files hold that rank's RNG states and data-stream position. A resume on another world size adds
+``step_N/universal/`` (``reshard.py``) and reads every saved rank's data position (:func:`read_rank_states`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -48,6 +50,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) from a hash of (seed, step, rank).
+
+    Used when the saved per-rank RNG states cannot be given back to their ranks (a resume on another world size).
+    """
+    value = int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:4], "little")
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # also seeds every CUDA device
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -123,6 +136,16 @@ def load_checkpoint(engine, path: Path) -> dict | None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     rank_file = path / f"rank_{dist.get_rank():05d}.pt"
     if not rank_file.is_file():
-        logger.warning("%s is missing (different world size?): RNG and data position are not restored", rank_file)
+        logger.warning("%s is missing: RNG and data position are not restored", rank_file)
         return None
     return torch.load(rank_file, weights_only=False)
+
+
+def read_rank_states(path: Path, world_size: int) -> list[dict]:
+    """The per-rank states (RNG, data position) of all ``world_size`` ranks that wrote the checkpoint ``path``."""
+    files = [path / f"rank_{r:05d}.pt" for r in range(world_size)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise RuntimeError(f"{path} lacks the per-rank files {missing[:4]} of its {world_size} ranks; the data "
+                           "position cannot be restored on another world size")
+    return [torch.load(f, map_location="cpu", weights_only=False) for f in files]

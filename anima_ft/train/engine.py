@@ -76,7 +76,7 @@ def _flat_params(engine) -> list[tuple[dict, torch.Tensor]]:
     return [(group, p) for group in opt.param_groups for p in group["params"]]
 
 
-def _group_steps(engine) -> dict[str, torch.Tensor | float]:
+def group_steps(engine) -> dict[str, torch.Tensor | float]:
     """AdamW step count per param-group name (0 where no step was taken yet)."""
     opt = base_optimizer(engine)
     out: dict[str, torch.Tensor | float] = {}
@@ -118,6 +118,30 @@ def update_ema(engine, decay: float) -> None:
             opt.state[flat][EMA_KEY].lerp_(flat.detach(), 1.0 - decay)
 
 
+def set_full_state(param: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Write the full fp32 master weight (``key`` None) or optimizer-state entry ``key`` of ``param`` into this rank's
+    partition: DeepSpeed's ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``, except under ZeRO-3.
+
+    Workaround: DeepSpeed 0.19.8's ZeRO-3 setter narrows ``value`` at ``rank * partition_size`` for
+    ``partition_size = ceil(numel / world)`` elements, which runs past the end of ``value`` on the ranks that hold
+    the padding when ``numel`` is not a multiple of the world size. Here those ranks copy only their real elements.
+    """
+    if not hasattr(param, "ds_id"):  # ZeRO-1/2
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    if not param.requires_grad:
+        return
+    zero = param._z3_optimizer
+    part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    flat = value.detach().reshape(-1)
+    start = part.numel() * zero._get_param_partition_rank(param)
+    count = max(0, min(part.numel(), flat.numel() - start))
+    part.data[:count].copy_(flat[start:start + count])
+
+
 def relink_optimizer_state(engine) -> None:
     """Point ZeRO-1/2's per-parameter views at the current optimizer state (no-op for ZeRO-3).
 
@@ -153,7 +177,7 @@ def collect_carry(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage)
     names = [n for n, p in model.named_parameters() if p.requires_grad and group_of(n) in keep]
     relink_optimizer_state(engine)
     params = dict(model.named_parameters())
-    carry = Carry(names, {}, keys, {}, {k: v for k, v in _group_steps(engine).items() if k.split("/")[0] in keep})
+    carry = Carry(names, {}, keys, {}, {k: v for k, v in group_steps(engine).items() if k.split("/")[0] in keep})
     for i, name in enumerate(names):  # every rank runs every gather (they are collectives)
         p = params[name]
         full = {"fp32": safe_get_full_fp32_param(p)}
@@ -180,10 +204,7 @@ def restore_carry(engine, model: nn.Module, carry: Carry, ema: bool) -> None:
                 value = torch.empty(carry.shapes[name], dtype=torch.float32, device=device)
             if world > 1:
                 dist.broadcast(value, src=owner)
-            if key == "fp32":
-                safe_set_full_fp32_param(params[name], value)
-            else:
-                safe_set_full_optimizer_state(params[name], value, key)
+            set_full_state(params[name], value, None if key == "fp32" else key)
         carry.tensors.pop(name, None)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
+EMA_KEY = "ema"  # the optimizer-state entry of the EMA (anima_ft.train.engine.EMA_KEY)
 
 
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
@@ -60,6 +61,13 @@ def ema_view(ckpt: Path, into: Path) -> Path:
     putting it where the master partitions go lets DeepSpeed's own reader reassemble it. Frozen parameters come
     from the model-state files, which is right: their EMA equals their (constant) value.
     """
+    return state_view(ckpt, into, EMA_KEY)
+
+
+def state_view(ckpt: Path, into: Path, key: str) -> Path:
+    """``into/<ckpt name>``: ``ckpt`` with the optimizer-state entry ``key`` (``ema``, ``exp_avg``, ``exp_avg_sq``)
+    in place of the fp32 master partitions, so DeepSpeed's readers (zero_to_fp32, ds_to_universal) see it as weights.
+    """
     view = into / ckpt.name
     view.mkdir(parents=True)
     for f in sorted(ckpt.iterdir()):
@@ -68,13 +76,15 @@ def ema_view(ckpt: Path, into: Path) -> Path:
             continue
         sd = torch.load(f, map_location="cpu", weights_only=False)
         osd = sd["optimizer_state_dict"]
-        key, base = (("fp32_flat_groups", osd["optimizer_state_dict"]) if "fp32_flat_groups" in osd
-                     else ("single_partition_of_fp32_groups", osd["base_optimizer_state"]))
+        masters_key, base = (("fp32_flat_groups", osd["optimizer_state_dict"]) if "fp32_flat_groups" in osd
+                             else ("single_partition_of_fp32_groups", osd["base_optimizer_state"]))
         states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
-        masters = osd[key]
-        if any("ema" not in states.get(i, {}) for i in range(len(masters))):
-            raise ValueError(f"{ckpt} holds no EMA (train with ema.decay > 0), so --ema cannot export one")
-        osd[key] = [states[i]["ema"].reshape(-1)[: m.numel()].reshape(m.shape).clone() for i, m in enumerate(masters)]
+        masters = osd[masters_key]
+        if any(key not in states.get(i, {}) for i in range(len(masters))):
+            hint = " (train with ema.decay > 0)" if key == EMA_KEY else ""
+            raise ValueError(f"{ckpt} holds no {key!r} optimizer state{hint}, so it cannot be read as weights")
+        osd[masters_key] = [states[i][key].reshape(-1)[: m.numel()].reshape(m.shape).clone()
+                            for i, m in enumerate(masters)]
         torch.save(sd, view / f.name)
     return view
 

@@ -2,7 +2,9 @@
 
 Rectified flow (spec section 7): ``x_t = (1 - t) x_0 + t eps``, target ``v = eps - x_0``, loss = MSE(pred, v),
 mean over C, T, H, W per sample. Noise and timesteps come from a ``torch.Generator`` seeded per (run seed, step,
-rank, micro-batch), so a resumed run draws exactly what an uninterrupted one would.
+global micro-batch index ``j = accum_index * world_size + rank``), so a resumed run draws exactly what an
+uninterrupted one would, also on another world size when ``micro_batch_size`` and ``grad_accum_steps x world_size``
+are unchanged (micro-batch ``j`` then holds the same samples, see ``anima_ft/data/plan.py``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ class LossOutput:
     per_sample: torch.Tensor
 
 
-def noise_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
-    """A CPU generator unique to (seed, step, rank, micro): draws are independent of resume position."""
-    mixed = (seed * 1_000_003 + step) * 65_537 + rank * 257 + micro
+def noise_generator(seed: int, step: int, micro_index: int) -> torch.Generator:
+    """A CPU generator unique to (seed, step, global micro-batch index): draws are independent of resume position
+    and of how the global batch is split into ranks and accumulation steps."""
+    mixed = (seed * 1_000_003 + step) * 65_537 + micro_index * 257  # with grad_accum_steps 1 as in earlier versions
     return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
 

@@ -10,6 +10,7 @@ checkpoints. The diagnostics also run once at step 0, before the first update (t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -29,11 +30,29 @@ from anima_ft.eval.from_config import build_eval_hooks
 from anima_ft.observability import MetricsWriter, train_flops_per_sample
 
 from .batches import build_stream, source_names
-from .checkpoint import find_checkpoint, load_checkpoint, read_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    read_rank_states,
+    read_trainer_state,
+    reseed_rng,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .distributed import DistEnv
-from .engine import build_engine, materialize_state, relink_optimizer_state, set_lrs, transition, update_ema
+from .engine import (
+    build_engine,
+    group_steps,
+    materialize_state,
+    relink_optimizer_state,
+    set_lrs,
+    transition,
+    update_ema,
+)
 from .objective import compute_loss, noise_generator
 from .param_groups import numel
+from .reshard import engine_config, load_universal, prepare_universal
 from .stages import build_stages, source_weights, stage_at, total_steps
 
 logger = logging.getLogger(__name__)
@@ -41,6 +60,7 @@ Callback = Callable[[int, object, dict], None]
 PREEMPTED = "preempted"
 COUNTERS = ("step", "samples_seen", "tokens_seen", "nonfinite_total", "nonfinite_in_row")
 FAULT_ENV = "ANIMA_FT_FAULT"  # test-only fault injection, see Trainer._fault
+TRACE_ENV = "ANIMA_FT_TRACE_KEYS"  # test-only sample-key log, see Trainer._trace
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,9 +110,15 @@ class Trainer:
         ckpt = find_checkpoint(self.ckpt_root, cfg.checkpoint.resume)
         loaded = read_trainer_state(ckpt) if ckpt else {}
         self.state = {k: int(loaded.get(k, 0)) for k in COUNTERS}
+        saved_world = int(loaded.get("world_size", env.world_size))
+        reshard = ckpt is not None and saved_world != env.world_size
+        if reshard and not cfg.checkpoint.allow_world_size_change:
+            raise ValueError(f"{ckpt} was saved by {saved_world} ranks and this run has {env.world_size}; resume on "
+                             f"{saved_world} ranks or set checkpoint.allow_world_size_change=true")
         # the engine of the stage that took the last update; a boundary transition then happens in the loop
         self.stage = stage_at(self.stages, max(self.state["step"] - 1, 0))
-        self.engine = build_engine(self.model, cfg, self.stage, self.ds_config)
+        self.engine = build_engine(self.model, cfg, self.stage,
+                                   engine_config(self.ds_config) if reshard else self.ds_config)
         if self.objective is not None:
             self.objective.set_stage(self.stage.index)
         if cfg.ema.decay > 0:
@@ -100,7 +126,9 @@ class Trainer:
         self.eval_hooks = build_eval_hooks(cfg, self.model, self.run_dir, env.device)
         if self.eval_hooks is not None and loaded.get("eval_hooks"):
             self.eval_hooks.load_state_dict(loaded["eval_hooks"])
-        if ckpt:
+        if ckpt and reshard:
+            self._resume_on_new_world_size(ckpt, saved_world)
+        elif ckpt:
             rank_state = load_checkpoint(self.engine, ckpt)
             relink_optimizer_state(self.engine)
             if rank_state is not None:
@@ -109,6 +137,11 @@ class Trainer:
             logger.info("resumed from %s at step %d", ckpt, self.state["step"])
         elif self.base_weights:
             self.stream.set_weights(source_weights(self.stage, self.base_weights))
+        if ckpt and loaded.get("global_batch_size", self.global_batch) != self.global_batch:
+            logger.warning("global batch size %d -> %d: the LR schedule counts optimizer steps and is not rescaled, "
+                           "so the remaining steps see %d instead of %d samples each (samples_seen stays exact)",
+                           loaded["global_batch_size"], self.global_batch, self.global_batch,
+                           loaded["global_batch_size"])
         self._stop_signal = 0
         self._last_save = time.monotonic()
         if env.rank == 0:
@@ -117,6 +150,30 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, env.rank, cfg.logging.wandb_mode, cfg.logging.wandb_project,
                                      cfg.logging.wandb_entity, cfg.run.name, to_dict(cfg))
         self.num_params = sum(numel(p) for p in self.model.parameters())
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks."""
+        b = self.cfg.batch
+        return b.micro_batch_size * b.grad_accum_steps * self.env.world_size
+
+    def _resume_on_new_world_size(self, ckpt: Path, saved_world: int) -> None:
+        """Load a checkpoint of ``saved_world`` ranks: universal model/optimizer state, the global data position,
+        RNG reseeded (collective; see ``reshard.py`` and the README section on resuming)."""
+        cfg, env, step = self.cfg, self.env, self.state["step"]
+        logger.warning("resuming %s (step %d) on %d ranks; it was saved by %d ranks: loading the model and optimizer "
+                       "through a DeepSpeed universal checkpoint", ckpt, step, env.world_size, saved_world)
+        ema = cfg.ema.decay > 0
+        prepare_universal(ckpt, [n for n, _ in self.model.named_parameters()], ema)
+        load_universal(self.engine, self.model, ckpt, ema)
+        relink_optimizer_state(self.engine)
+        self.stream.load_state_dicts([s["data"] for s in read_rank_states(ckpt, saved_world)])
+        reseed_rng(cfg.run.seed, step, env.rank)
+        logger.warning("world size %d -> %d: fp32 weights, Adam moments and step counts%s restored exactly; the %d "
+                       "saved per-rank RNG states cannot map to %d ranks, so python/numpy/torch RNGs were reseeded "
+                       "from (run.seed, step %d, rank) (training noise does not use them: it is seeded per global "
+                       "micro-batch)", saved_world, env.world_size, ", EMA" if cfg.ema.decay > 0 else "",
+                       saved_world, env.world_size, step)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -127,6 +184,8 @@ class Trainer:
         """Checkpoint the current state (collective)."""
         rank_state = {"rng": rng_state(), "data": self.stream.state_dict()}
         trainer_state = {**self.state, "stage": self.stage.index, "world_size": self.env.world_size,
+                         "global_batch_size": self.global_batch,
+                         "optimizer_steps": {k: float(v) for k, v in group_steps(self.engine).items()},
                          "model_config": self.model_cfg.to_dict(), "train_config": to_yaml(self.cfg)}
         if self.eval_hooks is not None:
             trainer_state["eval_hooks"] = self.eval_hooks.state_dict()
@@ -151,6 +210,14 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGUSR1)
         elif kind == "nan":
             batch["latents"] = batch["latents"] * float("nan")
+
+    def _trace(self, step: int, index: int, batch: dict) -> None:
+        """Test-only: with ``ANIMA_FT_TRACE_KEYS=DIR`` append ``{step, index, keys}`` of each micro-batch (``index``
+        = its place j in the global batch) to ``DIR/rank_XXXXX.jsonl``, to check the global sample sequence."""
+        trace_dir = os.environ.get(TRACE_ENV, "")
+        if trace_dir:
+            with open(Path(trace_dir) / f"rank_{self.env.rank:05d}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step + 1, "index": index, "keys": list(batch["key"])}) + "\n")
 
     def _tokens_per_sample(self, batch: dict) -> int:
         h, w = batch["latents"].shape[-2:]
@@ -216,7 +283,9 @@ class Trainer:
             for micro in range(accum):
                 batch = next(it)
                 self._fault(step, batch)
-                gen = noise_generator(cfg.run.seed, step, env.rank, micro)
+                index = micro * env.world_size + env.rank  # the micro-batch's place j in the global batch
+                self._trace(step, index, batch)
+                gen = noise_generator(cfg.run.seed, step, index)
                 out = (self.objective(self.engine, batch, gen) if self.objective is not None
                        else compute_loss(self.engine, batch, gen, cfg.objective))
                 self.engine.backward(out.loss)

@@ -91,5 +91,5 @@ def test_distill_through_the_trainer(tmp_path):
     model = build_model(cfg)
     objective = build_distill(cfg, dcfg, model, {}, "cpu")
     batch = next(iter(build_stream(cfg, model.cfg.adapter.source_dim, 0, 1)))
-    out = objective(model, batch, noise_generator(cfg.run.seed, 0, 0, 0))
+    out = objective(model, batch, noise_generator(cfg.run.seed, 0, 0))
     assert m[1]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
