@@ -48,6 +48,9 @@ def build_engine(model: nn.Module, cfg: Config, stage: Stage, ds_config: dict):
                                   eps=cfg.optim.eps, foreach=False)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     logger.info("stage %d (%s): trainable elements per group %s", stage.index, stage.name, counts)
+    logger.info("DeepSpeed ZeRO-%d, %s, optimizer state %s", engine.zero_optimization_stage(),
+                "bf16 with fp32 master weights" if engine.bfloat16_enabled() else "fp32",
+                "offloaded to CPU memory" if engine.zero_cpu_offload() else "on the training device")
     return engine
 
 

@@ -1,8 +1,10 @@
-"""``dist.precision=bf16`` and ``dist.compile_blocks`` through ``launch/train.py`` on one CPU process.
+"""``dist.precision=bf16``, ``dist.offload_optimizer`` and ``dist.compile_blocks`` through ``launch/train.py`` on
+one CPU process.
 
 bf16 is DeepSpeed's mixed precision: the module computes in bf16 while the optimizer owns fp32 master weights, so
 the per-step losses follow the fp32 run closely, the bf16 module weights are the master weights rounded, and a
-kill -9 resume is still bitwise on CPU. Compiling the blocks changes the kernels, not the math.
+kill -9 resume is still bitwise on CPU. Offloading the optimizer moves its state to host memory, and compiling
+the blocks changes the kernels: neither changes the math.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def test_bf16_run_keeps_fp32_masters_tracks_fp32_and_resumes_bitwise(tmp_path, f
     run = tmp_path / "bf16"
     rc, out = _train(run, "dist.precision=bf16")
     assert rc == 0, out[-3000:]
+    assert "DeepSpeed ZeRO-2, bf16 with fp32 master weights, optimizer state on the training device" in out
     bf16 = {s: row["loss"] for s, row in read_metrics(run / "metrics.jsonl").items()}
     assert sorted(bf16) == sorted(fp32_losses) == list(range(1, 9))
     # bf16 activations perturb each loss by ~1e-4 relative on this model (measured 3e-4 at most)
@@ -69,6 +72,16 @@ def test_bf16_run_keeps_fp32_masters_tracks_fp32_and_resumes_bitwise(tmp_path, f
     assert rc == 0, out[-3000:]
     resumed = {s: row["loss"] for s, row in read_metrics(killed / "metrics.jsonl").items()}
     assert resumed == bf16  # bitwise, steps 5-8 recomputed after the resume
+
+
+def test_optimizer_offload_keeps_the_losses_and_checkpoints(tmp_path, fp32_losses):
+    run = tmp_path / "offload"
+    rc, out = _train(run, "dist.offload_optimizer=true")
+    assert rc == 0, out[-3000:]
+    got = {s: row["loss"] for s, row in read_metrics(run / "metrics.jsonl").items()}
+    assert "DeepSpeed ZeRO-2, fp32, optimizer state offloaded to CPU memory" in out
+    assert got == fp32_losses  # the same AdamW arithmetic on the same device: bitwise
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000008"
 
 
 @pytest.mark.slow
