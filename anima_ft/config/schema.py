@@ -244,7 +244,7 @@ class EvalConfig:
     """In-training diagnostics (anima_ft.eval): forgetting probe, forgetting budget, weight drift, sample grids."""
 
     probe_every_steps: int = 0
-    """Run the forgetting probe (and call registered eval callbacks) at step 0 and every N steps; 0 = off."""
+    """Run the forgetting probe on eval.sets at step 0 and every N steps; 0 = off."""
     sets: list[EvalSetConfig] = field(default_factory=list)
     """Probe eval sets, e.g. [{name: replay, path: data/replay_eval}] (shards written by `anima-ft prepare`)."""
     max_samples_per_set: int = 0

@@ -1,8 +1,8 @@
-"""One trainer callback that runs the diagnostics when they are due: probe, forgetting budget, drift, sample grid.
+"""One trainer hook that runs the diagnostics when they are due: probe, forgetting budget, drift, sample grid.
 
-The trainer calls ``hooks(step, engine, row)`` on every rank (``Trainer.callbacks``), including once at step 0
-before the first optimizer step (the probe's baseline). The hook adds its numeric metrics to ``row`` (the
-metrics.jsonl / wandb line) and keeps the budget's verdict in three attributes the trainer reads after the call:
+The trainer calls ``hooks(step, engine)`` on every rank (``Trainer.eval_hooks``) after each optimizer step and once
+at step 0, before the first one (the probe's baseline). The hook returns its numeric metrics (the trainer adds them
+to the metrics.jsonl / wandb line; a ``row`` passed in gets them merged too) and keeps the budget's verdict in three attributes the trainer reads after the call:
 
 * ``stop_requested``: True once the forgetting budget says ``stop`` (save a checkpoint and stop);
 * ``lr_scale``: product of all LR drops so far (multiply the scheduled LR by it);

@@ -4,7 +4,7 @@ Build order (fixed): stages -> model -> DeepSpeed JSON (buckets sized to the mod
 resume point -> engine (for the stage that wrote the checkpoint) -> diagnostics (snapshot of the starting weights)
 -> checkpoint load -> metrics. Each optimizer step: stage transition if the stage changed, per-group LRs,
 ``grad_accum_steps`` micro-batches through the loss hook (``compute_loss``, or the distillation objective), one
-small all-reduce (per-source loss sums, stop signals, timed-save vote), then diagnostics, logging, callbacks and
+small all-reduce (per-source loss sums, stop signals, timed-save vote), then diagnostics, logging and
 checkpoints. The diagnostics also run once at step 0, before the first update (the probe's baseline).
 """
 
@@ -16,13 +16,12 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from anima_ft.config import build_deepspeed_config, to_dict, to_yaml
+from anima_ft.config import build_deepspeed_config, global_batch_size, to_dict, to_yaml
 from anima_ft.config.schema import Config
 from anima_ft.data.shard_format import write_json_atomic
 from anima_ft.distill.build import build_distill
@@ -56,7 +55,6 @@ from .reshard import engine_config, load_universal, prepare_universal
 from .stages import build_stages, source_weights, stage_at, total_steps
 
 logger = logging.getLogger(__name__)
-Callback = Callable[[int, object, dict], None]
 PREEMPTED = "preempted"
 COUNTERS = ("step", "samples_seen", "tokens_seen", "nonfinite_total", "nonfinite_in_row")
 FAULT_ENV = "ANIMA_FT_FAULT"  # test-only fault injection, see Trainer._fault
@@ -88,8 +86,8 @@ def build_model(cfg: Config):
 class Trainer:
     """Fine-tunes Anima with DeepSpeed ZeRO over a staged schedule; ``train()`` runs to the end or a stop signal."""
 
-    def __init__(self, cfg: Config, env: DistEnv, callbacks: list[Callback] | None = None):
-        self.cfg, self.env, self.callbacks = cfg, env, list(callbacks or [])
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         if cfg.run.deterministic:
@@ -154,8 +152,7 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         """Samples per optimizer step over all ranks."""
-        b = self.cfg.batch
-        return b.micro_batch_size * b.grad_accum_steps * self.env.world_size
+        return global_batch_size(self.cfg, self.env.world_size)
 
     def _resume_on_new_world_size(self, ckpt: Path, saved_world: int) -> None:
         """Load a checkpoint of ``saved_world`` ranks: universal model/optimizer state, the global data position,
@@ -259,7 +256,6 @@ class Trainer:
             bar = tqdm(total=self.total, initial=self.state["step"], desc="train", dynamic_ncols=True)
         it = iter(self.stream)
         t_last, samples_last = time.perf_counter(), self.state["samples_seen"]
-        row: dict = {}
         if self.state["step"] == 0 and self.eval_hooks is not None:
             self.metrics.log(0, self.eval_hooks(0, self.engine))  # step-0 baseline, before any update
         while self.state["step"] < self.total:
@@ -332,16 +328,15 @@ class Trainer:
                     f"{self.state['nonfinite_in_row']} non-finite losses in a row at step {step} (limit "
                     f"optim.max_nonfinite_in_row={cfg.optim.max_nonfinite_in_row}); saved a checkpoint and stopped. "
                     f"Lower the learning rate or inspect the data around samples_seen={self.state['samples_seen']}")
-            if cfg.eval.probe_every_steps and step % cfg.eval.probe_every_steps == 0:
-                for callback in self.callbacks:
-                    callback(step, self.engine, row)
             every = cfg.checkpoint.every_steps
-            if (every and step % every == 0) or sums[-1] > 0 or sums[-2] > 0:
+            saved = bool((every and step % every == 0) or sums[-1] > 0 or sums[-2] > 0)
+            if saved:
                 self.save()
             if eval_metrics and self.eval_hooks.best_step is not None and env.rank == 0:  # changes only at a probe
                 write_json_atomic(self.run_dir / "best_step.json", {"best_step": self.eval_hooks.best_step})
             if self.eval_hooks is not None and self.eval_hooks.stop_requested:
-                self.save()
+                if not saved:
+                    self.save()
                 logger.warning("stopping at step %d: the forgetting budget was exceeded (eval.budget_max_rise_pct="
                                "%g on set %r); checkpoint saved", step, cfg.eval.budget_max_rise_pct, cfg.eval.budget_set)
                 if bar is not None:
