@@ -5,15 +5,10 @@ Imported only by the kernel modules (which need triton); ``kernels/__init__.py``
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 import triton
-
-from kernels import warn_once  # noqa: F401  (re-exported for the kernel modules)
-
-log = logging.getLogger("kernels")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -28,8 +28,6 @@ from anima_ft.train.distributed import world_and_rank
 logger = logging.getLogger(__name__)
 
 
-
-
 class DriftTracker:
     """Drift of the live (possibly sharded) parameters from their values when the tracker was built.
 

@@ -73,8 +73,6 @@ def sigma_label(sigma: float) -> str:
     return f"sigma_{sigma:g}"
 
 
-
-
 def _core(model: torch.nn.Module) -> torch.nn.Module:
     """The bare Anima module (unwraps a DeepSpeed engine / DDP ``.module``)."""
     return getattr(model, "module", model)

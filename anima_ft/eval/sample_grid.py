@@ -27,8 +27,6 @@ from anima_ft.train.distributed import world_and_rank
 logger = logging.getLogger(__name__)
 
 
-
-
 def compose_grid(images: torch.Tensor, row_labels: Sequence[str], col_labels: Sequence[str],
                  label_height: int = 14, label_width: int = 160) -> Image.Image:
     """Paste ``images`` uint8 ``[R, C, H, W, 3]`` into one PIL image with a label column and a label row.

@@ -10,15 +10,12 @@ Backends (chosen per model with ``Anima.set_attention_backend``):
 
 from __future__ import annotations
 
-import logging
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from kernels import reference, warn_once
-
-log = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "reference", "triton")
 
@@ -40,7 +37,7 @@ def _triton_ops() -> SimpleNamespace | None:
 
         if not kernels.triton_available():
             warn_once("attention backend 'triton' requested but Triton cannot run here (no CUDA GPU and "
-                       "TRITON_INTERPRET is not set): falling back to 'sdpa'")
+                      "TRITON_INTERPRET is not set): falling back to 'sdpa'")
             return None
         from kernels import adaln, attention
     except Exception as exc:  # an import failure of an optional accelerator must not stop training

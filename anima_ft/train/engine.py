@@ -28,12 +28,12 @@ from torch import nn
 
 from anima_ft.config.schema import Config
 
+from .export import EMA_KEY
 from .param_groups import apply_trainable, build_param_groups, group_of
 from .stages import Stage
 
 logger = logging.getLogger(__name__)
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-EMA_KEY = "ema"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def build_engine(model: nn.Module, cfg: Config, stage: Stage, ds_config: dict):
@@ -175,7 +175,7 @@ class Carry:
 def collect_carry(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage) -> Carry:
     """Gather the state of every group trainable in both ``old`` and ``new`` (collective: all ranks call it)."""
     keep = old.trainable & new.trainable
-    keys = (*_ADAM_KEYS, EMA_KEY) if cfg.ema.decay > 0 else _ADAM_KEYS
+    keys = (*ADAM_KEYS, EMA_KEY) if cfg.ema.decay > 0 else ADAM_KEYS
     rank, world = dist.get_rank(), dist.get_world_size()
     names = [n for n, p in model.named_parameters() if p.requires_grad and group_of(n) in keep]
     relink_optimizer_state(engine)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-EMA_KEY = "ema"  # the optimizer-state entry of the EMA (anima_ft.train.engine.EMA_KEY)
+EMA_KEY = "ema"  # the optimizer-state entry that holds the EMA (engine.update_ema writes it, state_view reads it)
 
 
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:

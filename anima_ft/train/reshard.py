@@ -45,14 +45,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine import EMA_KEY, base_optimizer, materialize_state, set_full_state
+from .engine import ADAM_KEYS, EMA_KEY, base_optimizer, materialize_state, set_full_state
 from .export import state_view
 from .param_groups import group_of
 
 logger = logging.getLogger(__name__)
 UNIVERSAL = "universal"
 INFO_FILE = "anima_ft.json"
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 CONVERT_WAIT = datetime.timedelta(hours=4)  # how long the other ranks wait for rank 0's conversion
 
 

@@ -1,15 +1,10 @@
-"""Kernel test setup: run Triton in interpreter mode on CPU-only machines (helpers live in kernel_helpers.py)."""
+"""Kernel test setup: the device fixture (tests/conftest.py selects Triton's interpreter on CPU-only machines;
+helpers live in kernel_helpers.py)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
-# The interpreter must be chosen before any kernel module is imported (triton.jit reads it at decoration time).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 def _version(text: str) -> tuple[int, int]:
     major, minor = text.split(".")[:2]
