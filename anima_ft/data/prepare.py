@@ -35,8 +35,8 @@ from anima_ft.data.shard_format import (
     fingerprint_hash,
     index_path_for,
     make_fingerprint,
-    write_json_atomic,
 )
+from anima_ft.runtime import write_json_atomic
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")

@@ -36,6 +36,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from anima_ft.runtime import write_json_atomic
+
 FORMAT_NAME = "anima_ft.shard"
 FORMAT_VERSION = 1
 MEMBERS = ("json", "latent.safetensors", "text.safetensors")  # sorted, as TarWriter writes them
@@ -179,15 +181,6 @@ class ShardWriter:
         }
         write_json_atomic(index_path_for(self.tar_path), index)
         return index
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary name and ``os.replace`` (the name holds the pid: ranks that write
-    the same summary at the same time never share a temporary file)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def read_index(tar_path: str | Path) -> dict:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from anima_ft.eval.drift import rel_and_cos
 from anima_ft.eval.groups import group_of, group_sort_key, is_ignored, kind_of, strip_prefix
-from anima_ft.train.distributed import world_and_rank
+from anima_ft.runtime import world_and_rank
 
 logger = logging.getLogger(__name__)
 

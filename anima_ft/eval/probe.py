@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from anima_ft.eval.eval_sets import EvalSample, check_eval_sets, collate_condition
-from anima_ft.train.distributed import world_and_rank
+from anima_ft.runtime import world_and_rank
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-from anima_ft.train.distributed import world_and_rank
+from anima_ft.runtime import world_and_rank
 
 logger = logging.getLogger(__name__)
 

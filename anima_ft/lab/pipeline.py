@@ -25,7 +25,7 @@ import torch
 from anima_ft.lab import text_stack
 from anima_ft.lab.codec import PCAPatchCodec
 from anima_ft.lab.digits import caption_vocabulary, load_digit_splits, pixels_from_images, write_image_folder
-from anima_ft.train.distributed import free_port
+from anima_ft.runtime import free_port
 
 logger = logging.getLogger(__name__)
 SPLITS = ("target_train", "replay_train", "target_probe", "replay_probe")

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from anima_ft.runtime import atomic_save_with
+
 from .config import AnimaConfig, infer_config
 from .dit import Anima
 
@@ -162,9 +164,7 @@ def save_state_dict_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.P
     """Write safetensors to ``path.tmp`` then rename, so a crash never leaves a half-written file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(tensors), str(tmp), metadata=dict(metadata))
-    os.replace(tmp, path)
+    atomic_save_with(path, lambda name: save_file(dict(tensors), name, metadata=dict(metadata)))
 
 
 def save_anima(

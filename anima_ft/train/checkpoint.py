@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from anima_ft.runtime import atomic_write_text
+
 logger = logging.getLogger(__name__)
 PARTIAL = ".partial"
 
@@ -63,12 +65,6 @@ def reseed_rng(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(value)  # also seeds every CUDA device
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_state: dict, keep_last: int) -> Path:
     """Write a complete checkpoint of ``step`` under ``root`` (collective; see the module docstring)."""
     rank = dist.get_rank()
@@ -88,7 +84,7 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_text_atomic(root / "latest", tag)
+        atomic_write_text(root / "latest", tag)
         _prune(root, keep_last)
     dist.barrier()
     logger.info("saved checkpoint %s", final)

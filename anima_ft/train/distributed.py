@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
+
+from anima_ft.runtime import free_port
 
 
 @dataclass(frozen=True)
@@ -18,22 +19,6 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-
-
-def free_port() -> int:
-    """A free TCP port on localhost (for a single-node rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def world_and_rank() -> tuple[int, int]:
-    """``(world_size, rank)`` of the default process group, ``(1, 0)`` when none is initialised."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def env_world_size() -> int:

@@ -23,10 +23,10 @@ import torch.distributed as dist
 
 from anima_ft.config import build_deepspeed_config, global_batch_size, to_dict, to_yaml
 from anima_ft.config.schema import Config
-from anima_ft.data.shard_format import write_json_atomic
 from anima_ft.distill.build import build_distill
 from anima_ft.eval.from_config import build_eval_hooks
 from anima_ft.observability import MetricsWriter, train_flops_per_sample
+from anima_ft.runtime import write_json_atomic
 
 from .batches import build_stream, source_names
 from .checkpoint import (

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from anima_ft.data import EncodedSample, ShardWriter, make_fingerprint  # noqa: E402
-from anima_ft.data.shard_format import write_json_atomic  # noqa: E402
+from anima_ft.runtime import write_json_atomic  # noqa: E402
 
 RECIPE = REPO / "configs" / "anima_full_h100x8.yaml"
 FINGERPRINT = make_fingerprint("synthetic-gpu-session-vae", "synthetic-gpu-session-text")

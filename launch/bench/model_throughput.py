@@ -34,8 +34,8 @@ sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 import torch  # noqa: E402
 from peer_ref import flops_per_image, load_peer, peer_dit  # noqa: E402
 
-from anima_ft.data.shard_format import write_json_atomic  # noqa: E402
 from anima_ft.model import AnimaConfig, build_anima  # noqa: E402
+from anima_ft.runtime import write_json_atomic  # noqa: E402
 
 WARMUP, TIMED = 2, 5  # the peer's protocol
 

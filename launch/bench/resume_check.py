@@ -32,7 +32,7 @@ sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
 import ds_launch  # noqa: E402
 
-from anima_ft.data.shard_format import write_json_atomic  # noqa: E402
+from anima_ft.runtime import write_json_atomic  # noqa: E402
 
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 
