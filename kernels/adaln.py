@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference, warn_once
-from kernels._common import INTERPRET, check_device, next_pow2
+from . import reference, warn_once
+from ._common import INTERPRET, check_device, next_pow2
 
 
 @triton.jit

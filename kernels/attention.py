@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels import reference, warn_once
-from kernels._common import check_device, last_dim_contiguous
-from kernels.flash import flash_backward, flash_forward
-from kernels.qk_prologue import norm_rope_backward, norm_rope_forward
+from . import reference, warn_once
+from ._common import check_device, last_dim_contiguous
+from .flash import flash_backward, flash_forward
+from .qk_prologue import norm_rope_backward, norm_rope_forward
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

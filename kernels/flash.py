@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, MIN_DOT_DIM, interpret_block, maybe_autotune, next_pow2, tuning_configs
+from ._common import INTERPRET, MIN_DOT_DIM, interpret_block, maybe_autotune, next_pow2, tuning_configs
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, next_pow2
+from ._common import INTERPRET, next_pow2
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 
 Backends (chosen per model with ``Anima.set_attention_backend``):
 
-* ``sdpa``      plain PyTorch from ``kernels.reference`` with ``F.scaled_dot_product_attention`` (default);
+* ``sdpa``      plain PyTorch from ``anima_kernels.reference`` with ``F.scaled_dot_product_attention`` (default);
 * ``reference`` the same plain PyTorch with explicit fp32 softmax attention (the test oracle);
 * ``triton``    the fused kernels in ``kernels/``; falls back to ``sdpa`` with one warning when Triton cannot run
                 (no GPU and no ``TRITON_INTERPRET=1``) or the inputs are outside what the kernels cover.
@@ -13,9 +13,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from anima_kernels import reference, warn_once
 from torch import nn
-
-from kernels import reference, warn_once
 
 BACKENDS = ("sdpa", "reference", "triton")
 
@@ -33,13 +32,13 @@ def _reference_ops(use_sdpa: bool) -> SimpleNamespace:
 
 def _triton_ops() -> SimpleNamespace | None:
     try:
-        import kernels
+        import anima_kernels
 
-        if not kernels.triton_available():
+        if not anima_kernels.triton_available():
             warn_once("attention backend 'triton' requested but Triton cannot run here (no CUDA GPU and "
                       "TRITON_INTERPRET is not set): falling back to 'sdpa'")
             return None
-        from kernels import adaln, attention
+        from anima_kernels import adaln, attention
     except Exception as exc:  # an import failure of an optional accelerator must not stop training
         warn_once(f"attention backend 'triton' unavailable ({exc!r}): falling back to 'sdpa'")
         return None

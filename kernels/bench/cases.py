@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable
 
 import torch
-
-from kernels import reference
+from anima_kernels import reference
 
 
 def bench_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
@@ -64,8 +63,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def attention_case(kind: str, smoke: bool, device: str, dtype: torch.dtype) -> list[dict]:
     """``kind`` in self / cross / adapter: the fused kernel vs the plain-PyTorch path on SDPA backends."""
-    import kernels.attention as attn
-    import kernels.flash as flash
+    import anima_kernels.attention as attn
+    import anima_kernels.flash as flash
 
     if kind == "self":
         B, H, Lq, Lk, D = (1, 2, 64, 64, 32) if smoke else (4, 16, 4096, 4096, 128)
@@ -137,7 +136,7 @@ def attention_case(kind: str, smoke: bool, device: str, dtype: torch.dtype) -> l
 
 def adaln_case(fused: bool, smoke: bool, device: str, dtype: torch.dtype) -> list[dict]:
     """The adaLN glue kernel vs the eager PyTorch reference (fwd and fwd+bwd, same inputs)."""
-    from kernels import adaln
+    from anima_kernels import adaln
 
     B, L, C = (1, 16, 64) if smoke else (4, 4096, 2048)
     gen = torch.Generator(device=device).manual_seed(1)

@@ -38,8 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
-from kernels.bench import cases  # noqa: E402
+from anima_kernels.bench import cases  # noqa: E402
 
 PEER_SEARCH = ["shared/bench/peer_baseline.py", ".peer/peer_baseline.py", "../shared/bench/peer_baseline.py"]
 
@@ -136,7 +135,7 @@ def run_ours(smoke: bool, on_row=lambda rows: None) -> list[dict]:
 
 def _autotune_choices() -> dict:
     """The configs Triton's autotuner picked, per kernel and key (empty under the interpreter)."""
-    from kernels import flash
+    from anima_kernels import flash
 
     out = {}
     for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):

@@ -11,7 +11,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kernels_gpu_check}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# kernels/ is the import package anima_kernels (pyproject maps it): a link under that name serves it from PYTHONPATH
+SITE=$(mktemp -d) && ln -s "$PWD/kernels" "$SITE/anima_kernels"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 peer_args=()
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then peer_args=(--peer "$1"); shift; fi

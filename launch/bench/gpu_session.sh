@@ -122,6 +122,10 @@ run_step() {  # NAME CAP KEEP CMD...: run CMD with limit min(CAP, time left - KE
 }
 
 # -- setup: wheels the GPU image lacks, then the environment record -------------------------------------------------
+# The repository folder kernels/ is the import package anima_kernels (pyproject maps it); without a pip install of the
+# project a link under that name makes it importable from PYTHONPATH.
+mkdir -p /tmp/site && ln -sfn "$REPO/kernels" /tmp/site/anima_kernels
+export PYTHONPATH=/tmp/site:$PYTHONPATH
 if [ "$SMOKE" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
     start=$(date +%s)
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \

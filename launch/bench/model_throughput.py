@@ -184,9 +184,9 @@ class Bench:
         for backend in self.args.backends.split(","):
             self.model.set_attention_backend(backend)
             if backend == "triton":
-                import kernels
+                import anima_kernels
 
-                self.res["triton_runs_kernels"] = bool(kernels.triton_available())
+                self.res["triton_runs_kernels"] = bool(anima_kernels.triton_available())
             batches = [int(b) for b in self.args.batches.split(",")]
             if backend == "triton" and self.smoke:
                 batches = batches[:1]  # the Triton interpreter takes seconds per step even for the tiny model

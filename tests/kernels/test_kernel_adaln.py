@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from anima_kernels import reference
 from kernel_helpers import assert_close
-
-from kernels import reference
 
 SHAPES = [(1, 1, 5), (2, 7, 48), (1, 33, 64), (3, 10, 130)]  # odd C (padding), L below / above the row tile
 
@@ -38,7 +37,7 @@ def _check(fn_kernel, fn_ref, tensors64, n_out, dtype, device, tag):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_modulated_layer_norm(shape, dtype, device):
-    from kernels.adaln import modulated_layer_norm
+    from anima_kernels.adaln import modulated_layer_norm
 
     B, L, C = shape
     g = torch.Generator().manual_seed(0)
@@ -50,7 +49,7 @@ def test_modulated_layer_norm(shape, dtype, device):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gated_residual_modulated_layer_norm(shape, dtype, device):
-    from kernels.adaln import gated_residual_modulated_layer_norm
+    from anima_kernels.adaln import gated_residual_modulated_layer_norm
 
     B, L, C = shape
     g = torch.Generator().manual_seed(1)
@@ -63,7 +62,7 @@ def test_gated_residual_modulated_layer_norm(shape, dtype, device):
 
 def test_gated_residual_h_only_gradient(device):
     """Only ``h`` used downstream (``x_new`` discarded): the missing ``dx_new`` is treated as zero."""
-    from kernels.adaln import gated_residual_modulated_layer_norm
+    from anima_kernels.adaln import gated_residual_modulated_layer_norm
 
     g = torch.Generator().manual_seed(2)
     x, y = (torch.randn(2, 9, 32, generator=g, dtype=torch.float64) for _ in range(2))
@@ -81,7 +80,7 @@ def test_gated_residual_h_only_gradient(device):
 
 def test_broadcast_vectors_and_eps(device):
     """Shift/scale given once for the batch ([1, 1, C]) and a non-default eps match the reference."""
-    from kernels.adaln import modulated_layer_norm
+    from anima_kernels.adaln import modulated_layer_norm
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64) * 0.01  # small variance: eps matters
@@ -93,7 +92,7 @@ def test_broadcast_vectors_and_eps(device):
 
 @pytest.mark.parametrize("bad", ["per_frame", "channels", "x_rank"])
 def test_bad_shapes_raise(bad, device):
-    from kernels.adaln import modulated_layer_norm
+    from anima_kernels.adaln import modulated_layer_norm
 
     x = torch.randn(2, 6, 8, device=device)
     vec = torch.randn(2, 1, 8, device=device)
@@ -109,15 +108,15 @@ def test_bad_shapes_raise(bad, device):
 
 
 def test_float64_falls_back_to_reference_with_one_warning(device, caplog, monkeypatch):
-    import kernels
+    import anima_kernels
 
-    monkeypatch.setattr(kernels, "_warned", set())  # warn-once state must not leak between tests
-    from kernels.adaln import gated_residual_modulated_layer_norm, modulated_layer_norm
+    monkeypatch.setattr(anima_kernels, "_warned", set())  # warn-once state must not leak between tests
+    from anima_kernels.adaln import gated_residual_modulated_layer_norm, modulated_layer_norm
 
     g = torch.Generator().manual_seed(6)
     x, y = (torch.randn(2, 5, 16, generator=g, dtype=torch.float64).to(device) for _ in range(2))
     gate, shift, scale = (v.to(device) for v in _vectors(2, 16, g, 3))
-    with caplog.at_level("WARNING", logger="kernels"):
+    with caplog.at_level("WARNING", logger="anima_kernels"):
         for _ in range(2):
             h = modulated_layer_norm(x, shift, scale)
             pair = gated_residual_modulated_layer_norm(x, gate, y, shift, scale)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from anima_kernels import reference
 from kernel_helpers import assert_close, rope_table
-
-from kernels import reference
 
 CASES = {
     # name: (B, Lq, Lk, H, D, rope, mask)   rope: none / same (self-attn table) / separate (adapter position spaces)
@@ -65,7 +64,7 @@ def _inputs(B, Lq, Lk, H, D, rope, mask_kind, seed=0):
 
 def _run_pair(tensors64, kwargs, dtype, device, prepare=None):
     """Reference in float64 on CPU and the kernel in ``dtype`` on ``device``; returns (ref, out) outputs + grads."""
-    from kernels.attention import qk_norm_rope_attention
+    from anima_kernels.attention import qk_norm_rope_attention
 
     ref_in = [t.clone().requires_grad_() for t in tensors64]
     ref = reference.qk_norm_rope_attention(*ref_in, use_sdpa=False, **kwargs)
@@ -130,7 +129,7 @@ def test_strided_qkv_views(device):
 
 def test_saved_prologue_path_matches(device, monkeypatch):
     """``RECOMPUTE_PROLOGUE = False`` (save q', k') gives the same gradients as the recomputing default."""
-    import kernels.attention as attn
+    import anima_kernels.attention as attn
 
     tensors, kwargs = _inputs(1, 7, 12, 2, 16, "separate", "random", seed=11)
     monkeypatch.setattr(attn, "RECOMPUTE_PROLOGUE", False)
@@ -142,7 +141,7 @@ def test_saved_prologue_path_matches(device, monkeypatch):
 @pytest.mark.parametrize("case", ["self_L33_D32", "adapter_7x33", "adapter_33x7", "cross_5x70_masked_big_tile"])
 def test_atomic_dq_backward_matches(case, device, monkeypatch):
     """``flash.ATOMIC_DQ = True`` (dq added by the dk/dv kernel with atomics) gives the same gradients."""
-    import kernels.flash as flash
+    import anima_kernels.flash as flash
 
     B, Lq, Lk, H, D, rope, mask_kind = CASES[case]
     tensors, kwargs = _inputs(B, Lq, Lk, H, D, rope, mask_kind, seed=13)
@@ -154,7 +153,7 @@ def test_atomic_dq_backward_matches(case, device, monkeypatch):
 
 def test_prologue_matches_rmsnorm_then_rope(device):
     """The prologue kernel alone equals ``apply_rope(rms_norm(x) * w)`` from the reference."""
-    from kernels.qk_prologue import norm_rope_forward
+    from anima_kernels.qk_prologue import norm_rope_forward
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 3, 32, generator=g, dtype=torch.float64)
@@ -179,7 +178,7 @@ def test_prologue_matches_rmsnorm_then_rope(device):
     ],
 )
 def test_bad_inputs_raise(change, match, device):
-    from kernels.attention import qk_norm_rope_attention
+    from anima_kernels.attention import qk_norm_rope_attention
 
     q = torch.randn(1, 4, 2, 16, device=device)
     k = v = torch.randn(1, 5, 2, 16, device=device)
@@ -203,16 +202,16 @@ def test_bad_inputs_raise(change, match, device):
 
 
 def test_float64_falls_back_to_reference(device, caplog, monkeypatch):
-    import kernels
+    import anima_kernels
 
-    monkeypatch.setattr(kernels, "_warned", set())  # warn-once state must not leak between tests
-    from kernels.attention import qk_norm_rope_attention
+    monkeypatch.setattr(anima_kernels, "_warned", set())  # warn-once state must not leak between tests
+    from anima_kernels.attention import qk_norm_rope_attention
 
     tensors, kwargs = _inputs(2, 5, 6, 2, 16, "separate", "one_empty_row", seed=17)
     tensors = [t.to(device) for t in tensors]
     kwargs = {k: (None if v is None else tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device))
               for k, v in kwargs.items()}
-    with caplog.at_level("WARNING", logger="kernels"):
+    with caplog.at_level("WARNING", logger="anima_kernels"):
         out = qk_norm_rope_attention(*tensors, **kwargs)
     assert torch.equal(out, reference.qk_norm_rope_attention(*tensors, use_sdpa=False, **kwargs))
     assert any("float64" in r.getMessage() for r in caplog.records)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from anima_kernels import reference
 from kernel_helpers import REL_TOL, assert_close, rel_err
 from test_kernel_attention import NAMES, _inputs, _run_pair
-
-from kernels import reference
 
 pytestmark = pytest.mark.gpu
 
@@ -52,7 +51,7 @@ def test_attention_bf16(case):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_adaln_bf16(fused):
-    from kernels.adaln import gated_residual_modulated_layer_norm, modulated_layer_norm
+    from anima_kernels.adaln import gated_residual_modulated_layer_norm, modulated_layer_norm
 
     g = torch.Generator().manual_seed(4)
     B, L, C = 2, 1000, 2048

@@ -1,4 +1,4 @@
-"""``import kernels`` works without Triton and without a GPU; the lazy entry points resolve to the kernels."""
+"""``import anima_kernels`` works without Triton and without a GPU; the lazy entry points resolve to the kernels."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ class _Block:
             raise ImportError("triton blocked for this test")
         return None
 sys.meta_path.insert(0, _Block())
-import kernels, kernels.reference
-assert kernels.triton_available() is False, "triton_available() must be False without triton"
+import anima_kernels, anima_kernels.reference
+assert anima_kernels.triton_available() is False, "triton_available() must be False without triton"
 try:
-    kernels.get_attention()
+    anima_kernels.get_attention()
 except ImportError:
     pass
 else:
@@ -39,23 +39,22 @@ def test_import_without_triton():
 
 def test_triton_available_needs_gpu_or_interpreter(monkeypatch):
     pytest.importorskip("triton")
+    import anima_kernels
     import torch
 
-    import kernels
-
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels.triton_available()
+    assert anima_kernels.triton_available()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert kernels.triton_available() == torch.cuda.is_available()
+    assert anima_kernels.triton_available() == torch.cuda.is_available()
 
 
 def test_lazy_entry_points(device):
-    import kernels
-    from kernels import adaln, attention
+    import anima_kernels
+    from anima_kernels import adaln, attention
 
-    assert kernels.qk_norm_rope_attention is attention.qk_norm_rope_attention
-    assert kernels.get_attention() is attention.qk_norm_rope_attention
-    assert kernels.get_adaln() == (adaln.modulated_layer_norm, adaln.gated_residual_modulated_layer_norm)
-    assert kernels.gated_residual_modulated_layer_norm is adaln.gated_residual_modulated_layer_norm
+    assert anima_kernels.qk_norm_rope_attention is attention.qk_norm_rope_attention
+    assert anima_kernels.get_attention() is attention.qk_norm_rope_attention
+    assert anima_kernels.get_adaln() == (adaln.modulated_layer_norm, adaln.gated_residual_modulated_layer_norm)
+    assert anima_kernels.gated_residual_modulated_layer_norm is adaln.gated_residual_modulated_layer_norm
     with pytest.raises(AttributeError, match="no_such_kernel"):
-        _ = kernels.no_such_kernel
+        _ = anima_kernels.no_such_kernel

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
+import anima_kernels
 import pytest
 import torch
 
-import kernels
 from anima_ft.model import AnimaConfig, build_anima
 from anima_ft.model.layers import get_ops
 
@@ -19,8 +19,8 @@ def test_unknown_backend_is_named():
 
 
 def test_triton_without_triton_falls_back_to_sdpa_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(kernels, "triton_available", lambda: False)
-    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setattr(anima_kernels, "triton_available", lambda: False)
+    monkeypatch.setattr(anima_kernels, "_warned", set())
     model = build_anima(AnimaConfig.tiny(), dtype=torch.float32, seed=0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 1, 8, 8, generator=g)
@@ -28,7 +28,7 @@ def test_triton_without_triton_falls_back_to_sdpa_with_one_warning(monkeypatch, 
     t = torch.rand(2, generator=g)
     model.set_attention_backend("sdpa")
     expected = model.denoise(x, t, ctx)
-    with caplog.at_level(logging.WARNING, logger="kernels"):
+    with caplog.at_level(logging.WARNING, logger="anima_kernels"):
         model.set_attention_backend("triton")
         first = model.denoise(x, t, ctx)
         model.set_attention_backend("triton")
