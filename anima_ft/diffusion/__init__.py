@@ -1,7 +1,13 @@
 """anima_ft.diffusion: the rectified-flow objective, timestep samplers, loss and the Euler + CFG sampler."""
 
-from anima_ft.diffusion.flow import interpolate, noisy_pair, predict_noise, predict_x0, velocity_target
-from anima_ft.diffusion.loss import flow_matching_loss, loss_weight
+from anima_ft.diffusion.flow import (
+    draw_noise_and_timesteps,
+    interpolate,
+    predict_noise,
+    predict_x0,
+    velocity_target,
+)
+from anima_ft.diffusion.loss import LossOutput, flow_matching_loss, loss_weight
 from anima_ft.diffusion.sampler import euler_sample, sigma_schedule
 from anima_ft.diffusion.timesteps import (
     flux_mu,
@@ -12,13 +18,14 @@ from anima_ft.diffusion.timesteps import (
 )
 
 __all__ = [
+    "LossOutput",
+    "draw_noise_and_timesteps",
     "euler_sample",
     "flow_matching_loss",
     "flux_mu",
     "flux_time_shift",
     "interpolate",
     "loss_weight",
-    "noisy_pair",
     "predict_noise",
     "predict_x0",
     "sample_timesteps",

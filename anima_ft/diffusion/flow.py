@@ -58,22 +58,22 @@ def predict_noise(x_t: torch.Tensor, t: torch.Tensor | float, v: torch.Tensor) -
     return x_t + (1 - t_) * v
 
 
-def noisy_pair(
+def draw_noise_and_timesteps(
     x_0: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training example of the flow objective: returns ``(x_t, v_target, noise)``.
+    generator: torch.Generator,
+    *,
+    sampling: str,
+    sigmoid_scale: float,
+    shift: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flow-matching training draw for clean latents ``x_0`` [B, ...]: ``(eps ~ N(0, I), t [B])``.
 
-    x_0: [B, C, (T,) H, W] clean latents. t: [B] in [0, 1]. noise: drawn as ``N(0, I)`` (with ``generator``)
-    when not given. ``x_t`` has ``x_0``'s dtype; the target is computed in float32 (the loss runs in fp32).
+    Both are drawn on the CPU ``generator`` (noise first, then t, always in that order, so a seeded generator gives
+    the same draws on any device) and returned float32 on ``x_0``'s device. ``t`` follows
+    :func:`anima_ft.diffusion.timesteps.sample_timesteps` (``sampling``, ``sigmoid_scale``, ``shift``; None = off).
     """
-    if noise is None:
-        # Draw on the generator's device so a CPU generator can seed GPU training reproducibly.
-        device = generator.device if generator is not None else x_0.device
-        noise = torch.randn(x_0.shape, generator=generator, device=device, dtype=torch.float32)
-        noise = noise.to(x_0.device, x_0.dtype)
-    x_t = interpolate(x_0, noise, t)
-    target = velocity_target(x_0.float(), noise.float())
-    return x_t, target, noise
+    from .timesteps import sample_timesteps
+
+    noise = torch.randn(x_0.shape, generator=generator).to(x_0.device)
+    t = sample_timesteps(x_0.shape[0], sampling, sigmoid_scale, shift, generator=generator).to(x_0.device)
+    return noise, t

@@ -15,6 +15,7 @@ mean over all elements. ``reduction="none"`` returns the per-sample vector [B] (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -55,3 +56,12 @@ def flow_matching_loss(
     sq_err = (pred.float() - target.float()).pow(2)  # [B, ...]
     per_sample = sq_err.flatten(1).mean(dim=1) * loss_weight(t.to(pred.device), weighting)  # [B]
     return per_sample.mean() if reduction == "mean" else per_sample
+
+
+@dataclass
+class LossOutput:
+    """What every training objective returns: ``loss`` (scalar, what backward sees) and ``per_sample`` [B] float32
+    (detached, for per-source metrics)."""
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor

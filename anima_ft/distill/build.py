@@ -3,7 +3,7 @@
 Call :func:`build_distill` after the student model is built and BEFORE ``deepspeed.initialize``: the teacher is copied
 from (or loaded like) the untouched student, then a ``reinit``/``small`` adapter source replaces the student's
 adapter so that the engine partitions and optimizes the new one. Returns None when ``distill.enabled`` is false, in
-which case the trainer keeps ``compute_loss``.
+which case the trainer keeps the flow objective (``anima_ft.train.objective.build_objective``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from anima_ft.config.schema import Config
 
-from .config import DistillConfig, validate_distill
+from .config import DistillConfig
 from .context import prepare_student
 from .objective import DistillObjective
 from .precompute import VelocityStore
@@ -47,10 +47,12 @@ def build_teacher(cfg: Config, dcfg: DistillConfig, student: nn.Module, ds_confi
 
 def build_distill(cfg: Config, dcfg: DistillConfig, student: nn.Module, ds_config: dict,
                   device: torch.device | str = "cpu") -> DistillObjective | None:
-    """Validate ``dcfg``, build the teacher, apply the student's adapter source; the objective (None = disabled)."""
+    """Build the teacher, apply the student's adapter source; the objective (None = disabled).
+
+    ``dcfg`` was validated with the whole config (``anima_ft.config.validate``) before any rank started work.
+    """
     if not dcfg.enabled:
         return None
-    validate_distill(dcfg, max(1, len(cfg.stages)))
     teacher = build_teacher(cfg, dcfg, student, ds_config, device)
     logger.info(prepare_student(student, dcfg))
     return DistillObjective(teacher, dcfg, cfg.objective, num_stages=max(1, len(cfg.stages)))

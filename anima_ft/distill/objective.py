@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from anima_ft.config.schema import ObjectiveConfig
-from anima_ft.diffusion import flow_matching_loss, interpolate, sample_timesteps, velocity_target
-from anima_ft.train.objective import LossOutput
+from anima_ft.diffusion import LossOutput, draw_noise_and_timesteps, flow_matching_loss, interpolate, velocity_target
 
-from .config import DistillConfig, SourceLoss, stage_settings, validate_distill
+from .config import DistillConfig, SourceLoss, stage_settings
 from .context import ContextOverride, student_context_fn
 from .precompute import VelocityStore
 from .teacher import Teacher
@@ -51,14 +50,14 @@ class DistillLossOutput(LossOutput):
 
 
 class DistillObjective:
-    """``objective(model, batch, generator) -> DistillLossOutput``: the drop-in replacement of ``compute_loss``.
+    """``objective(model, batch, generator) -> DistillLossOutput``: the loss hook of a run with
+    ``distill.enabled`` (same signature as ``anima_ft.train.objective.FlowObjective``).
 
     teacher: a live :class:`Teacher` or a :class:`VelocityStore` (``distill.teacher=precomputed``).
     """
 
     def __init__(self, teacher: Teacher | VelocityStore | None, cfg: DistillConfig, objective_cfg: ObjectiveConfig,
                  num_stages: int = 1):
-        validate_distill(cfg, num_stages)
         self.teacher, self.cfg, self.objective_cfg = teacher, cfg, objective_cfg
         self._warned_dropout = False
         self.set_stage(0)
@@ -91,9 +90,9 @@ class DistillObjective:
         ocfg = self.objective_cfg
         x_0 = batch["latents"].to(device=device, dtype=torch.float32).unsqueeze(2)  # [B,16,1,h,w]
         B = x_0.shape[0]
-        noise = torch.randn(x_0.shape, generator=generator).to(device)
-        t = sample_timesteps(B, ocfg.timestep_sampling, ocfg.sigmoid_scale, None if ocfg.shift == 1.0 else ocfg.shift,
-                             generator=generator).to(device)
+        noise, t = draw_noise_and_timesteps(x_0, generator, sampling=ocfg.timestep_sampling,
+                                            sigmoid_scale=ocfg.sigmoid_scale,
+                                            shift=None if ocfg.shift == 1.0 else ocfg.shift)
         is_distill, weight = self._row_terms(list(batch["source"]), device)
         cond = [batch["qwen_states"].to(device=device, dtype=dtype)] + [batch[k].to(device) for k in CONDITION_KEYS[1:]]
         rows = is_distill.nonzero().flatten()

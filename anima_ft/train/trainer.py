@@ -3,7 +3,7 @@
 Build order (fixed): stages -> model -> DeepSpeed JSON (buckets sized to the model) -> objective (distillation teacher, if any) -> data stream ->
 resume point -> engine (for the stage that wrote the checkpoint) -> diagnostics (snapshot of the starting weights)
 -> checkpoint load -> metrics. Each optimizer step: stage transition if the stage changed, per-group LRs,
-``grad_accum_steps`` micro-batches through the loss hook (``compute_loss``, or the distillation objective), one
+``grad_accum_steps`` micro-batches through the one loss hook (``objective.build_objective``: flow or distillation), one
 small all-reduce (per-source loss sums, stop signals, timed-save vote), then diagnostics, logging and
 checkpoints. The diagnostics also run once at step 0, before the first update (the probe's baseline).
 """
@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 from anima_ft.config import build_deepspeed_config, global_batch_size, to_dict, to_yaml
 from anima_ft.config.schema import Config
-from anima_ft.distill.build import build_distill
 from anima_ft.eval.from_config import build_eval_hooks
 from anima_ft.observability import MetricsWriter, train_flops_per_sample
 from anima_ft.runtime import write_json_atomic
@@ -49,7 +48,7 @@ from .engine import (
     transition,
     update_ema,
 )
-from .objective import compute_loss, noise_generator
+from .objective import build_objective, noise_generator
 from .param_groups import numel
 from .reshard import engine_config, load_universal, prepare_universal
 from .stages import build_stages, source_weights, stage_at, total_steps
@@ -99,7 +98,7 @@ class Trainer:
         self.ds_config = build_deepspeed_config(cfg, env.world_size, sum(p.numel() for p in self.model.parameters()))
         self.model_cfg = self.model.cfg
         # the teacher is copied from the untouched student, before an adapter source may replace its adapter
-        self.objective = build_distill(cfg, cfg.distill, self.model, self.ds_config, env.device)
+        self.objective = build_objective(cfg, self.model, self.ds_config, env.device)
         qwen_dim = self.model_cfg.adapter.source_dim if self.model_cfg.adapter else 1024
         self.stream = build_stream(cfg, qwen_dim, env.rank, env.world_size)
         self.sources = source_names(cfg)
@@ -117,8 +116,7 @@ class Trainer:
         self.stage = stage_at(self.stages, max(self.state["step"] - 1, 0))
         self.engine = build_engine(self.model, cfg, self.stage,
                                    engine_config(self.ds_config) if reshard else self.ds_config)
-        if self.objective is not None:
-            self.objective.set_stage(self.stage.index)
+        self.objective.set_stage(self.stage.index)
         if cfg.ema.decay > 0:
             materialize_state(self.engine, ema=True)  # the EMA is an optimizer-state entry (engine.update_ema)
         self.eval_hooks = build_eval_hooks(cfg, self.model, self.run_dir, env.device)
@@ -264,8 +262,7 @@ class Trainer:
             if stage.index != self.stage.index:
                 transition(self, self.model, cfg, self.stage, stage, self.ds_config)  # replaces self.engine
                 self.stage = stage
-                if self.objective is not None:
-                    self.objective.set_stage(stage.index)
+                self.objective.set_stage(stage.index)
                 if self.base_weights:
                     self.stream.set_weights(source_weights(stage, self.base_weights))
             lrs = stage.lrs(step)
@@ -282,8 +279,7 @@ class Trainer:
                 index = micro * env.world_size + env.rank  # the micro-batch's place j in the global batch
                 self._trace(step, index, batch)
                 gen = noise_generator(cfg.run.seed, step, index)
-                out = (self.objective(self.engine, batch, gen) if self.objective is not None
-                       else compute_loss(self.engine, batch, gen, cfg.objective))
+                out = self.objective(self.engine, batch, gen)
                 self.engine.backward(out.loss)
                 self.engine.step()
                 src = batch["source_id"].to(env.device)

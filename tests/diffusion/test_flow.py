@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from anima_ft.diffusion.flow import (
+    draw_noise_and_timesteps,
     expand_t,
     interpolate,
-    noisy_pair,
     predict_noise,
     predict_x0,
     velocity_target,
 )
+from anima_ft.diffusion.timesteps import sample_timesteps
 
 
 @pytest.fixture
@@ -55,22 +56,26 @@ def test_x0_and_noise_recovered_from_true_velocity(pair):
     torch.testing.assert_close(predict_noise(x_t, t, v), eps, rtol=0, atol=1e-14)
 
 
-def test_noisy_pair_is_seeded_and_consistent():
-    x_0 = torch.randn(2, 16, 1, 4, 4)
-    t = torch.tensor([0.2, 0.8])
-    x_t, target, noise = noisy_pair(x_0, t, generator=torch.Generator().manual_seed(5))
-    x_t2, _, noise2 = noisy_pair(x_0, t, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(noise, noise2) and torch.equal(x_t, x_t2)
-    assert target.dtype == torch.float32
-    torch.testing.assert_close(target, noise - x_0)
-    torch.testing.assert_close(x_t, (1 - t.view(-1, 1, 1, 1, 1)) * x_0 + t.view(-1, 1, 1, 1, 1) * noise)
+def test_training_draw_is_noise_then_timesteps_on_the_generator():
+    """The one flow-matching draw: eps first, then t, both from the CPU generator (what every objective uses)."""
+    x_0 = torch.randn(3, 16, 1, 4, 5, dtype=torch.float64)
+    noise, t = draw_noise_and_timesteps(x_0, torch.Generator().manual_seed(5), sampling="logit_normal",
+                                        sigmoid_scale=1.0, shift=3.0)
+    g = torch.Generator().manual_seed(5)
+    ref_noise = torch.randn(x_0.shape, generator=g)
+    ref_t = sample_timesteps(3, "logit_normal", 1.0, 3.0, generator=g)
+    assert torch.equal(noise, ref_noise) and torch.equal(t, ref_t)
+    assert noise.dtype == torch.float32 and t.shape == (3,)
 
 
-def test_noisy_pair_bf16_keeps_latent_dtype_and_fp32_target():
-    x_0 = torch.randn(2, 16, 4, 4).bfloat16()
-    x_t, target, noise = noisy_pair(x_0, torch.tensor([0.3, 0.6]))
-    assert x_t.dtype == torch.bfloat16 and noise.dtype == torch.bfloat16 and target.dtype == torch.float32
-    torch.testing.assert_close(target, noise.float() - x_0.float())
+def test_training_draw_is_seeded_and_independent_of_latent_dtype():
+    kw = dict(sampling="uniform", sigmoid_scale=1.0, shift=None)
+    x32 = torch.zeros(2, 16, 1, 3, 3)
+    a = draw_noise_and_timesteps(x32, torch.Generator().manual_seed(1), **kw)
+    b = draw_noise_and_timesteps(x32.bfloat16(), torch.Generator().manual_seed(1), **kw)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    c = draw_noise_and_timesteps(x32, torch.Generator().manual_seed(2), **kw)
+    assert not torch.equal(a[0], c[0])
 
 
 def test_expand_t_rejects_wrong_batch():
