@@ -107,9 +107,12 @@ class _RankStream(IterableDataset):
                     skips["replaced"] += 1
                 samples.append(sample)
                 break
-            else:
-                raise RuntimeError(f"source {self.catalog.names[source]!r} bucket {plan.bucket}: every sample failed "
-                                   "to decode; run with validate='full' to see which, or re-run prepare")
+            else:  # nothing usable is left in this (source, bucket): a data error, named, not a crash
+                shards = sorted({self.catalog.shard_paths[self.catalog.entry(c)["shard"]]
+                                 for c in self.catalog.by_bucket[source][plan.bucket]})
+                raise ValueError(f"source {self.catalog.names[source]!r} bucket {plan.bucket}: every sample failed "
+                                 f"to read ({dict(skips)}) in shards {shards[:5]}; find the damage with `anima-ft "
+                                 "verify`, then copy the shards again or re-run prepare")
         batch = collate(samples, plan.drop, [s for s, *_ in plan.samples], self.catalog.names)
         batch["_skips"] = dict(skips)
         return batch

@@ -3,11 +3,14 @@
 Every rank and every loader worker builds the same :class:`Catalog` from the shard indices (no communication), so
 sample ids, buckets and the set of valid samples agree everywhere. Validation levels:
 
-* ``"index"`` (default, cheap): format version, fingerprint, file size against the index (samples past the end of
-  a truncated tar are skipped as ``truncated``), required members present in the index entry.
-* ``"full"``: additionally reads and decodes every sample once at start (shapes, dtypes, finiteness, tar headers).
-  Use it on small or suspect data; with ``"index"`` such problems are found when a sample is read, and the loader
-  replaces it by the next valid sample of the same source and bucket (see ``mixer.py``).
+* ``"index"`` (default, cheap): the whole index schema (``index_schema.py``), format version, fingerprint, file
+  size against the index (samples past the end of a truncated tar are skipped as ``truncated``), required members
+  present in the index entry. A shard whose index is missing, unreadable or breaks the schema, or whose tar is
+  missing, is skipped and counted once as ``unreadable_shard`` (the log names the shard and the field).
+* ``"full"``: additionally reads, verifies and decodes every sample once at start (checksums, shapes, dtypes,
+  finiteness, tar headers). Use it on small or suspect data; with ``"index"`` such problems are found when a sample
+  is read (checksums are verified on every read), and the loader replaces it by the next valid sample of the same
+  source and bucket (see ``mixer.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from anima_ft.data.shard_format import MEMBERS, SampleError, fingerprint_hash, read_index, read_sample
+from anima_ft.data.index_schema import BadIndex, entry_problem, fingerprint_hash
+from anima_ft.data.shard_format import MEMBERS, SampleError, index_path_for, read_index, read_sample
 
 log = logging.getLogger(__name__)
 Bucket = tuple[int, int]
@@ -43,13 +47,17 @@ class SourceSpec:
 
 
 def discover_shards(spec: SourceSpec) -> list[Path]:
-    """The sorted tar paths a source names; ``ValueError`` when there are none."""
+    """The sorted tar paths a source names; ``ValueError`` when there are none.
+
+    In a directory, an index whose tar is missing names its tar too, so the lost shard is counted, not ignored.
+    """
     patterns = [spec.shards] if isinstance(spec.shards, (str, os.PathLike)) else list(spec.shards)
     paths: set[Path] = set()
     for pattern in patterns:
         p = Path(pattern)
         if p.is_dir():
             paths.update(p.glob("*.tar"))
+            paths.update(i.with_name(i.name[: -len(".index.json")] + ".tar") for i in p.glob("*.index.json"))
         elif p.suffix == ".tar" and p.exists():
             paths.add(p)
         else:
@@ -61,16 +69,25 @@ def discover_shards(spec: SourceSpec) -> list[Path]:
 
 
 COLUMNS = ("shard", "source", "span_start", "span_end", "width", "height", "qwen_len", "t5_len",
-           *(f"{m}_{part}" for m in MEMBERS for part in ("offset", "size")))
+           *(f"{m}_{part}" for m in MEMBERS for part in ("offset", "size", "checksum")))
+_U64 = 2**64
+
+
+def _checksum_int(hex_digest: str) -> int:
+    """A 16-hex-digit checksum as a signed int64 (the table's dtype)."""
+    value = int(hex_digest, 16)
+    return value - _U64 if value >= 2**63 else value
 
 
 @dataclass
 class Catalog:
     """All valid samples of all sources, with per-(source, bucket) sample-id lists.
 
-    Sample i is row i of ``table`` (int64 columns ``COLUMNS``: about 110 bytes a sample, so millions of samples
+    Sample i is row i of ``table`` (int64 columns ``COLUMNS``: about 140 bytes a sample, so millions of samples
     fit in every rank and worker) plus ``keys[i]``; :meth:`entry` rebuilds its shard-index entry on demand.
     by_bucket[s][bucket]: sorted sample ids of source s in that bucket.
+    checksummed[k]: shard k's index has member checksums (format v2); v1 shards' checksum columns hold 0.
+    bad_shards: ``(shard path, field, detail)`` of every shard skipped as ``unreadable_shard``.
     """
 
     names: list[str]
@@ -80,6 +97,8 @@ class Catalog:
     qwen_dim: int = 0
     fingerprint: dict = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
+    checksummed: list[bool] = field(default_factory=list)
+    bad_shards: list[tuple[str, str, str]] = field(default_factory=list)
     table: np.ndarray = field(default_factory=lambda: np.zeros((0, len(COLUMNS)), dtype=np.int64))
 
     def __len__(self) -> int:
@@ -89,13 +108,16 @@ class Catalog:
         """Sample i as a shard-index entry (``key``, ``bucket``, ``span``, ``members``...) plus shard and source."""
         row = dict(zip(COLUMNS, self.table[i].tolist()))
         members = {m: [row[f"{m}_offset"], row[f"{m}_size"]] for m in MEMBERS}
+        checksums = ({m: f"{row[f'{m}_checksum'] % _U64:016x}" for m in MEMBERS}
+                     if self.checksummed[row["shard"]] else None)
         return {"key": self.keys[i], "shard": row["shard"], "source": row["source"], "members": members,
-                "span": [row["span_start"], row["span_end"]], "bucket": [row["width"], row["height"]],
-                "qwen_len": row["qwen_len"], "t5_len": row["t5_len"]}
+                "checksums": checksums, "span": [row["span_start"], row["span_end"]],
+                "bucket": [row["width"], row["height"]], "qwen_len": row["qwen_len"], "t5_len": row["t5_len"]}
 
 
 def _row(entry: dict) -> list[int]:
-    members = [v for m in MEMBERS for v in entry["members"][m]]
+    sums = entry.get("checksums")
+    members = [v for m in MEMBERS for v in (*entry["members"][m], _checksum_int(sums[m]) if sums else 0)]
     return [entry["shard"], entry["source"], *entry["span"], *entry["bucket"], entry["qwen_len"], entry["t5_len"],
             *members]
 
@@ -114,8 +136,23 @@ def _check_fingerprint(path: Path, index: dict, ref: tuple[Path, dict] | None, e
                          f"{diff}); mixing them would be silent garbage: re-encode one of them with `anima-ft prepare`")
 
 
+def _open_index(path: Path, cat: Catalog) -> dict:
+    """The checked index of one shard, or ``BadIndex`` (missing tar, bad index, qwen width unlike the others)."""
+    index = read_index(path)
+    if not path.exists():
+        raise BadIndex(index_path_for(path), "(file)", f"its tar {path.name} is missing")
+    if index["num_samples"] and cat.qwen_dim and index["qwen_dim"] != cat.qwen_dim:
+        raise BadIndex(index_path_for(path), "qwen_dim", f"{index['qwen_dim']}, but the other shards with the "
+                       f"same encoder fingerprint have {cat.qwen_dim}")
+    return index
+
+
 def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: str = "index") -> Catalog:
-    """Load every source's shard indices, check compatibility, and list the valid samples per bucket."""
+    """Load every source's shard indices, check compatibility, and list the valid samples per bucket.
+
+    A bad shard is skipped and counted (``unreadable_shard``, see the module docstring); a source left with no
+    valid sample is a ``ValueError`` naming its skipped shards and the offending fields.
+    """
     if validate not in VALIDATE_LEVELS:
         raise ValueError(f"validate={validate!r}; choose one of {VALIDATE_LEVELS}")
     names = [s.name for s in specs]
@@ -125,21 +162,31 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
     rows: list[list[int]] = []
     ref: tuple[Path, dict] | None = None
     reader = ShardReader(cat)
+    v1_shards = 0
     for s, spec in enumerate(specs):
         for path in discover_shards(spec):
-            index = read_index(path)
+            try:
+                index = _open_index(path, cat)
+            except BadIndex as err:
+                cat.skipped["unreadable_shard"] += 1
+                cat.bad_shards.append((err.path, err.field, err.detail))
+                log.warning("skipping shard %s (unreadable_shard, field %s): %s", path, err.field, err.detail)
+                continue
             _check_fingerprint(path, index, ref, expected_fingerprint)
             if ref is None:
                 ref, cat.fingerprint = (path, index), index["fingerprint"]
-            if index["num_samples"] and cat.qwen_dim and index["qwen_dim"] != cat.qwen_dim:
-                raise ValueError(f"shard {path} has qwen width {index['qwen_dim']}, others {cat.qwen_dim}")
             cat.qwen_dim = cat.qwen_dim or index["qwen_dim"] or 0
             size = path.stat().st_size
+            if size > index["tar_bytes"]:
+                log.warning("shard %s has %d bytes, %d more than its index says: its samples are still verified "
+                            "one by one", path, size, size - index["tar_bytes"])
+            v1_shards += index["format_version"] == 1
             shard_id = len(cat.shard_paths)
             cat.shard_paths.append(str(path))
+            cat.checksummed.append(index["format_version"] >= 2)
             for entry in index["samples"]:
                 entry = {**entry, "shard": shard_id, "source": s}
-                reason = _index_problem(entry, size)
+                reason = entry_problem(entry, size)
                 if reason is None and validate == "full":
                     try:
                         reader.read_entry(entry)
@@ -153,20 +200,17 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
                 cat.keys.append(entry["key"])
                 rows.append(_row(entry))
         if not cat.by_bucket[s]:
+            bad = "; ".join(f"{p} (field {f}: {d})" for p, f, d in cat.bad_shards[:5])
             raise ValueError(f"source {spec.name!r} has no valid sample in {spec.shards!r} (skipped so far: "
-                             f"{dict(cat.skipped)}); check the shards or re-run prepare")
+                             f"{dict(cat.skipped)}{'; unreadable shards: ' + bad if bad else ''}); check the "
+                             "shards with `anima-ft verify` or re-run prepare")
     reader.close()
+    if v1_shards:
+        log.warning("%d of %d shards are format v1, without member checksums: bit flips in their tensors or captions "
+                    "cannot be detected; re-run `anima-ft prepare` to get checksummed (v2) shards", v1_shards,
+                    len(cat.shard_paths))
     cat.table = np.asarray(rows, dtype=np.int64).reshape(len(rows), len(COLUMNS))
     return cat
-
-
-def _index_problem(entry: dict, file_size: int) -> tuple[str, str] | None:
-    missing = [m for m in MEMBERS if m not in entry.get("members", {})]
-    if missing or not entry.get("bucket"):
-        return "missing_field", f"index lists no {missing or 'bucket'}"
-    if entry["span"][1] > file_size:
-        return "truncated", f"sample ends at byte {entry['span'][1]} but the tar has {file_size} bytes"
-    return None
 
 
 class ShardReader:
@@ -190,7 +234,7 @@ class ShardReader:
         """Decode one sample (see ``shard_format.decode_members``); raises ``SampleError``."""
         try:
             f = self._file(entry["shard"])
-        except OSError as err:
+        except OSError as err:  # deleted or unreadable since the catalog was built
             raise SampleError("unreadable_shard", str(err)) from err
         return read_sample(f, entry, self.catalog.qwen_dim)
 
