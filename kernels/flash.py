@@ -9,7 +9,8 @@ Forward, per query row ``i`` (online softmax over key tiles, base-2 exponentials
     lse_i = m_i + log2(l_i)         (saved for the backward)
 
 A row with no valid key (``l_i = 0``) gets ``o_i = 0`` and ``lse_i = +inf``, so every probability the backward
-recomputes, ``p_ij = 2^(s_ij - lse_i)``, is exactly 0 there and all gradients through the row vanish (spec pitfall 3).
+recomputes, ``p_ij = 2^(s_ij - lse_i)``, is exactly 0 there and all gradients through the row vanish
+(docs/model.md#pitfall-3).
 
 Backward with ``delta_i = o_i . do_i`` and ``dS_ij = p_ij (do_i . v_j - delta_i)``::
 

@@ -7,13 +7,13 @@ Shape legend: B batch, Lq / Lk query / key length, H heads, D head dim, C channe
 All attention tensors use the projection layout ``[B, L, H, D]`` (what ``Linear`` output ``.view`` gives), not
 ``[B, H, L, D]``.
 
-Math (see ../shared/anima_spec.md sections 2.3, 2.4 and 3):
+Math (see docs/model.md#rope, #adaln and #adapter):
 
 * RMSNorm over the last dim, computed in fp32:  ``y = x / sqrt(mean(x^2) + eps) * w``.
 * Half-split RoPE:  ``rope(x) = x*cos + rotate_half(x)*sin``, ``rotate_half([x1, x2]) = [-x2, x1]``,
   with ``cos, sin`` of shape ``[L, D]`` (the angle table duplicated over both halves), applied in fp32.
 * Attention:  ``softmax(q k^T / sqrt(D) + mask) v`` with an optional boolean key mask (True = attend).
-  A query row whose keys are all masked returns exactly 0 (spec pitfall 3), with zero gradient.
+  A query row whose keys are all masked returns exactly 0 (docs/model.md#pitfall-3), with zero gradient.
 * adaLN modulate:  ``LN(x) * (1 + scale) + shift`` with a LayerNorm without affine (eps 1e-6), in fp32.
 """
 

@@ -173,7 +173,7 @@ class DistConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The rectified-flow objective (spec section 7)."""
+    """The rectified-flow objective (docs/model.md#objective)."""
 
     timestep_sampling: str = "logit_normal"
     """``logit_normal`` (t = sigmoid(scale * n)) or ``uniform``."""

@@ -1,6 +1,6 @@
 """Aspect-ratio buckets near a target pixel area, and the resize + center crop that maps an image onto one.
 
-A bucket is ``(W, H)`` in pixels, both multiples of ``multiple`` (16 = VAE 8x times patch 2, spec section 6).
+A bucket is ``(W, H)`` in pixels, both multiples of ``multiple`` (16 = VAE 8x times patch 2, docs/model.md#vae).
 Widths step by ``width_step`` between ``sqrt(area * min_ar)`` and ``sqrt(area * max_ar)`` (``ar = W / H``); each
 width gets the height (a multiple of ``multiple``) whose area is nearest ``area``; the square bucket is always there.
 An image goes to the bucket with the nearest log aspect ratio, is scaled (bicubic) to cover it, and is center

@@ -8,8 +8,9 @@ so ``state_dict()`` is exact at every micro-step; prefetched batches are simply 
 
 Batch (the batch contract): ``latents`` bf16 [B,16,h,w]; ``qwen_states`` bf16 [B,S,C] zero-padded to the batch max S
 (at least 1); ``qwen_mask`` bool [B,S]; ``t5_ids`` long [B,L] padded with 0; ``t5_mask`` bool [B,L]; ``source``
-(names), ``source_id`` long [B]; ``caption``; ``key``. A caption-dropped sample follows the spec's empty-caption
-convention: Qwen mask all False with zero states, T5 ids ``[1, 0, ...]`` with mask ``[1, 0, ...]``, caption "".
+(names), ``source_id`` long [B]; ``caption``; ``key``. A caption-dropped sample follows the empty-caption
+convention (docs/model.md#empty-caption): Qwen mask all False with zero states, T5 ids ``[1, 0, ...]`` with mask
+``[1, 0, ...]``, caption "".
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def collate(samples: list[dict], drop: list[bool], source_ids: list[int], names:
     t5_B_L = torch.zeros(B, t_len, dtype=torch.long)
     t5_mask = torch.zeros(B, t_len, dtype=torch.bool)
     for b, (sample, dropped) in enumerate(zip(samples, drop)):
-        if dropped:  # spec section 5: empty caption = no Qwen tokens, T5 = [</s>]
+        if dropped:  # docs/model.md#empty-caption: empty caption = no Qwen tokens, T5 = [</s>]
             t5_B_L[b, 0], t5_mask[b, 0] = T5_EOS, True
             continue
         S, L = sample["qwen_states"].shape[0], sample["t5_ids"].shape[0]

@@ -5,7 +5,7 @@ One sample ``KEY`` is three tar members in this order (plain USTAR headers, mtim
 
 * ``KEY.json``: ``{"caption", "source", "origin", "original_size": [w, h], "resized_size": [w, h],
   "crop": [left, top], "bucket": [W, H] (pixels), "caption_truncated": bool}``
-* ``KEY.latent.safetensors``: ``latent`` bf16 ``[16, H/8, W/8]``, the normalized VAE latent (spec section 6)
+* ``KEY.latent.safetensors``: ``latent`` bf16 ``[16, H/8, W/8]``, the normalized VAE latent (docs/model.md#vae)
 * ``KEY.text.safetensors``: ``qwen_states`` bf16 ``[S, C]`` (Qwen3 last hidden state, no padding, C = 1024 for
   the real encoder) and ``t5_ids`` int32 ``[L]`` (T5 ids with ``</s>``, no padding)
 

@@ -1,4 +1,4 @@
-"""The rectified-flow (velocity) path used by Anima (spec section 7).
+"""The rectified-flow (velocity) path used by Anima (docs/model.md#objective).
 
 With data ``x_0`` (normalized VAE latents), noise ``eps ~ N(0, I)`` and ``t = sigma in [0, 1]``::
 
@@ -7,7 +7,7 @@ With data ``x_0`` (normalized VAE latents), noise ``eps ~ N(0, I)`` and ``t = si
     x0_hat = x_t - t * v                    # denoised estimate from a predicted velocity
     eps_hat = x_t + (1 - t) * v             # noise estimate from a predicted velocity
 
-The timestep the DiT receives is ``t`` itself (sigma), never ``1000 * t`` (spec pitfall 4).
+The timestep the DiT receives is ``t`` itself (sigma), never ``1000 * t`` (docs/model.md#pitfall-4).
 ``t`` is a per-sample tensor ``[B]`` (or a float) and is broadcast over the remaining dimensions.
 """
 

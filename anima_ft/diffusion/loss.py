@@ -1,4 +1,4 @@
-"""Flow-matching loss with the optional sd-scripts weighting schemes (spec section 7).
+"""Flow-matching loss with the optional sd-scripts weighting schemes (docs/model.md#objective).
 
 Per sample b, with prediction ``p``, target ``v = eps - x_0`` and timestep ``t_b = sigma_b``::
 

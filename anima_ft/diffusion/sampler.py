@@ -1,4 +1,4 @@
-"""Euler flow sampler with classifier-free guidance (spec section 7, "Inference").
+"""Euler flow sampler with classifier-free guidance (docs/model.md#sampling).
 
 Schedule (diffusers' Anima pipeline: ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` fed ``linspace(1, 1/N, N)``)::
 

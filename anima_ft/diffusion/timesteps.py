@@ -1,4 +1,4 @@
-"""Training-timestep samplers for the flow objective (spec section 7, diffusion-pipe / sd-scripts options).
+"""Training-timestep samplers for the flow objective (docs/model.md#timestep-sampling).
 
 A base draw ``t`` in (0, 1) comes from one of:
 

@@ -71,7 +71,7 @@ def collate_condition(sample: EvalSample, device: torch.device | str, dtype: tor
 
     Returns ``qwen_states [1, max(S,1), Cq]`` (zero rows where masked), ``qwen_mask [1, max(S,1)]``,
     ``t5_ids [1, L]`` and ``t5_mask [1, L]``. An empty Qwen sequence becomes one zero, masked row (the empty-caption
-    convention of the model spec, section 5).
+    convention, docs/model.md#empty-caption).
     """
     s, c = sample.qwen_states.shape
     qwen = torch.zeros(1, max(s, 1), c, device=device, dtype=dtype)

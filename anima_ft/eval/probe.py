@@ -5,7 +5,7 @@ For an eval set of images ``x_0`` with captions ``c``, a list of sigmas ``s_j`` 
     L_j = 1/(N K) sum_i sum_k  mean_elements( (v_theta(x_t, s_j, c_i) - (eps_ijk - x_0i))^2 ),
     x_t = (1 - s_j) x_0i + s_j eps_ijk
 
-i.e. the rectified-flow training loss (model spec section 7) at a fixed timestep, averaged over fixed noises.
+i.e. the rectified-flow training loss (docs/model.md#objective) at a fixed timestep, averaged over fixed noises.
 
 Determinism. ``eps_ijk`` comes from a CPU ``torch.Generator`` seeded by a stable hash of (probe seed, sample key,
 sigma value, k): never from iteration order, so world size, rank sharding, batch size and restarts cannot change it.

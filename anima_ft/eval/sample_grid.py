@@ -2,7 +2,7 @@
 
 Row ``r`` is prompt ``r``, column ``c`` is seed ``c``; the starting noise of a column is ``randn`` from a CPU
 generator seeded with that seed, so a column shows how one noise evolves across prompts and steps. The negative
-prompt is the empty caption (trainer convention, model spec section 5: Qwen mask all False, T5 ids ``[1]``).
+prompt is the empty caption (docs/model.md#empty-caption: Qwen mask all False, T5 ids ``[1]``).
 Sampling follows :func:`anima_ft.diffusion.sampler.euler_sample` with its shifted sigma schedule.
 
 Distributed: call :meth:`SampleGridRunner.run` on every rank. The grid cells are split over ranks (cell ``i`` on

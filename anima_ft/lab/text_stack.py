@@ -1,6 +1,6 @@
 """The mini-lab's text side, built offline in a second: two word-level tokenizers and a tiny random Qwen3.
 
-The real pipeline uses Qwen3-0.6B-Base with the Qwen2 tokenizer and the T5 tokenizer (model spec section 5). A
+The real pipeline uses Qwen3-0.6B-Base with the Qwen2 tokenizer and the T5 tokenizer (docs/model.md#text). A
 newcomer's machine has neither, so the lab builds stand-ins with the same interfaces:
 
 * Qwen side: a ``tokenizers`` WordLevel model over the caption vocabulary (lower-cased, split on whitespace and

@@ -1,6 +1,6 @@
 """The Anima network (DiT + LLM adapter), its config, and official-checkpoint I/O.
 
-See ../shared/anima_spec.md; parameter names equal the official keys without ``net.``.
+See docs/model.md; parameter names equal the official keys without ``net.``.
 """
 
 from .config import AdapterConfig, AnimaConfig, infer_config

@@ -1,6 +1,6 @@
 """Model configuration: the DiT and LLM-adapter hyperparameters, inferred from checkpoint tensor shapes.
 
-Defaults are full-size Anima (Cosmos-Predict2-2B + 6-layer adapter), ../shared/anima_spec.md sections 1 and 3.
+Defaults are full-size Anima (Cosmos-Predict2-2B + 6-layer adapter), see docs/model.md#sizes.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class AnimaConfig:
     rope_extrapolation: tuple[float, float, float] = (1.0, 4.0, 4.0)
     """NTK extrapolation ratios (t, h, w) of the 3D RoPE."""
     context_tokens: int = 512
-    """The context is zero-padded to at least this many tokens (never masked, spec section 2.5)."""
+    """The context is zero-padded to at least this many tokens (never masked, docs/model.md#context)."""
     eps: float = 1e-6
     """Epsilon of the LayerNorms and RMSNorms."""
     adapter: AdapterConfig | None = field(default_factory=AdapterConfig)

@@ -1,10 +1,10 @@
 """The Cosmos-Predict2 DiT ("MiniTrainDIT") with the LLM adapter as a child: the whole Anima network.
 
-Parameter names equal the official checkpoint's keys without the ``net.`` prefix (spec section 4), so
+Parameter names equal the official checkpoint's keys without the ``net.`` prefix (docs/model.md#keys), so
 ``state_dict()`` is the official layout. Shape legend: B batch, C latent channels, T frames (1 for images), H/W
 latent height/width, Hp/Wp = H/p, W/p, L = T*Hp*Wp image tokens, D width, N context tokens, Cc context width.
 
-Forward (spec section 2), with t = sigma in [0, 1]:
+Forward (docs/model.md#patchify to #adaln), with t = sigma in [0, 1]:
 
     x17   = cat(x, zeros)                                  # padding-mask channel, index 16
     h     = Linear(patchify(x17))                          # feature index c*p*p + m*p + n
@@ -197,7 +197,7 @@ class Anima(nn.Module):
             raise ValueError(f"only single-frame latents (T=1) are supported, got T={T}")
         dtype = self.x_embedder.proj[1].weight.dtype
         ctx = ctx_B_N_Cc.to(dtype)
-        if ctx.shape[1] < cfg.context_tokens:  # always attend over >= 512 zero-padded tokens (spec 2.5)
+        if ctx.shape[1] < cfg.context_tokens:  # always attend over >= 512 zero-padded tokens (docs/model.md#context)
             ctx = F.pad(ctx, (0, 0, 0, cfg.context_tokens - ctx.shape[1]))
         x17 = torch.cat([x_B_C_T_H_W, x_B_C_T_H_W.new_zeros(B, 1, T, H, W)], dim=1).to(dtype)
         x_B_L_D = self.x_embedder.proj[1](patchify(x17, p)).flatten(1, 3)

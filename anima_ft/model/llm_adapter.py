@@ -1,4 +1,4 @@
-"""The LLM adapter (`net.llm_adapter.*`): T5 token ids cross-attend to Qwen3 hidden states (spec section 3).
+"""The LLM adapter (`net.llm_adapter.*`): T5 token ids cross-attend to Qwen3 hidden states (docs/model.md#adapter).
 
 Shape legend: B batch, L T5 length (queries, "target"), S Qwen3 length (keys, "source"), C adapter width.
 
@@ -9,8 +9,8 @@ Shape legend: B batch, L T5 length (queries, "target"), S Qwen3 length (keys, "s
         x += mlp(RMSNorm(x))                     # Linear(+bias) -> exact GELU -> Linear(+bias)
     out = RMSNorm(out_proj(x)); out[~t5_mask] = 0; zero-pad to `min_tokens` rows
 
-Query and key positions live in separate index spaces (pitfall 8). A caption whose Qwen mask is all False (the empty
-caption) gives fully masked cross-attention rows, which return 0 (pitfall 3).
+Query and key positions live in separate index spaces (docs/model.md#pitfall-8). A caption whose Qwen mask is
+all False (the empty caption) gives fully masked cross-attention rows, which return 0 (docs/model.md#pitfall-3).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class LLMAdapter(nn.Module):
         t5_mask = t5_mask_B_L.bool()
         source_mask = source_mask_B_S.bool()
         x = self.embed(t5_ids_B_L)
-        # Padded Qwen rows must be zero (pitfall 1); they are also masked out as keys below.
+        # Padded Qwen rows must be zero (docs/model.md#pitfall-1); they are also masked out as keys below.
         source = source_B_S_Cs.to(x.dtype) * source_mask[..., None].to(x.dtype)
         rope_t = rope1d_table(t5_ids_B_L.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)
         rope_s = rope1d_table(source.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)

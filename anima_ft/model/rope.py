@@ -1,7 +1,8 @@
-"""Rotary position tables (half-split convention), computed in fp32 (spec sections 2.3 and 3).
+"""Rotary position tables (half-split convention), computed in fp32 (docs/model.md#rope).
 
 Every function returns ``(cos_L_D, sin_L_D)`` with the angle table duplicated over both halves of the head dim, the
-layout ``anima_kernels.reference.apply_rope`` expects. Tables are recomputed, never read from a checkpoint (pitfall 9).
+layout ``anima_kernels.reference.apply_rope`` expects.
+Tables are recomputed, never read from a checkpoint (docs/model.md#pitfall-9).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Official checkpoint format <-> our module: build, load and save Anima single-file safetensors (spec section 4).
+"""Official checkpoint format <-> our module: build, load and save Anima single-file safetensors (docs/model.md#keys).
 
 The official file holds the DiT under ``net.`` and the adapter under ``net.llm_adapter.`` in bf16. We also accept the
 native ComfyUI prefix ``model.diffusion_model.`` and no prefix, an adapter in a separate file, and we drop derived

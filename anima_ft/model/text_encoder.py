@@ -1,4 +1,4 @@
-"""Anima's frozen text path: Qwen3-0.6B hidden states plus T5 token ids (spec section 5).
+"""Anima's frozen text path: Qwen3-0.6B hidden states plus T5 token ids (docs/model.md#text).
 
 For each caption the DiT's LLM adapter needs:
 
@@ -74,7 +74,7 @@ def collate_captions(encoded: list[EncodedCaption]) -> dict[str, torch.Tensor]:
 
 
 def apply_caption_dropout(batch: dict[str, torch.Tensor], drop_B: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Replace the rows where ``drop_B`` (bool [B]) is True by the empty caption (trainer convention, spec §5):
+    """Replace the rows where ``drop_B`` (bool [B]) is True by the empty caption (docs/model.md#empty-caption):
     Qwen mask all False and states 0; T5 ids ``[1, 0, ...]`` with mask ``[1, 0, ...]``. Returns a new dict."""
     drop = drop_B.to(batch["qwen_mask"].device, torch.bool)
     keep_S = (~drop).view(-1, 1)
@@ -225,7 +225,7 @@ class TextEncoder:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def empty_caption(self) -> EncodedCaption:
-        """The empty caption: no Qwen token (states [0, C]) and T5 ids ``[</s>]`` (collates to the spec's tensors)."""
+        """The empty caption: no Qwen token (states [0, C]) and T5 ids ``[</s>]`` (docs/model.md#empty-caption)."""
         return EncodedCaption(qwen_states=torch.zeros(0, self.hidden_size, dtype=self.dtype),
                               t5_ids=torch.tensor([T5_EOS_ID], dtype=torch.long))  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Caption tokenization for Anima's text path: Qwen3 (``Qwen2Tokenizer``) and T5 (spec section 5).
+"""Caption tokenization for Anima's text path: Qwen3 (``Qwen2Tokenizer``) and T5 (docs/model.md#text).
 
 Conventions (the trainers', diffusion-pipe and sd-scripts):
 

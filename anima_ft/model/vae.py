@@ -1,8 +1,8 @@
-"""The Qwen-Image VAE (Wan-2.1 architecture) behind Anima's latents, through diffusers (spec section 6).
+"""The Qwen-Image VAE (Wan-2.1 architecture) behind Anima's latents, through diffusers (docs/model.md#vae).
 
 Images [B, 3, H, W] in [-1, 1] (``img01 * 2 - 1``) get a frame axis (T = 1), go through
 ``AutoencoderKLQwenImage``'s encoder, and the **posterior mean** is kept (never a sample). Latents are normalized
-per channel with the spec's constants and decoded with the inverse::
+per channel with Anima's constants (docs/model.md#vae) and decoded with the inverse::
 
     z_norm = (z - mean[c]) / std[c]          z = z_norm * std[c] + mean[c]
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
 SPATIAL_FACTOR = 8
-# Per-channel latent statistics (spec section 6; identical to Wan-2.1 and the diffusers defaults).
+# Per-channel latent statistics (docs/model.md#vae; identical to Wan-2.1 and the diffusers defaults).
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)  # fmt: skip
 LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
@@ -192,7 +192,7 @@ class AnimaVAE(nn.Module):
             raise ValueError(f"the VAE has z_dim={vae.config.z_dim}; Anima needs {LATENT_CHANNELS} latent channels")
         cfg_mean, cfg_std = list(vae.config.latents_mean), list(vae.config.latents_std)
         if any(abs(a - b) > 1e-6 for a, b in zip(cfg_mean + cfg_std, LATENTS_MEAN + LATENTS_STD)):
-            logger.warning("the VAE config's latents_mean/std differ from Anima's; using Anima's constants (spec §6)")
+            logger.warning("the VAE config's latents_mean/std differ from Anima's; using Anima's (docs/model.md#vae)")
         self.vae = vae.eval().requires_grad_(False)
         self._fingerprint: str | None = None
 

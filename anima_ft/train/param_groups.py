@@ -1,6 +1,6 @@
 """Parameter groups: the six LR groups users know, split again by weight decay.
 
-Group by name (the official checkpoint names, spec section 4), as diffusion-pipe does:
+Group by name (the official checkpoint names, docs/model.md#keys), as diffusion-pipe does:
 ``llm_adapter.*`` -> llm_adapter; ``.self_attn.`` / ``.cross_attn.`` / ``.mlp.`` -> their group;
 ``adaln_modulation`` -> mod; anything else (embedders, timestep MLP, final linear, t_embedding_norm) -> base.
 ``adaln_modulation_self_attn`` is "mod", not "self_attn": the attention groups require the dotted component.
