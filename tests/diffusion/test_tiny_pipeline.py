@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from anima_ft.diffusion.sampler import euler_sample, sigma_schedule
+from anima_ft.model import AnimaConfig, build_anima
 from anima_ft.model.text_encoder import TextEncoder, tiny_qwen3
 from anima_ft.model.tokenizers import load_tokenizers
 from anima_ft.model.vae import AnimaVAE, tiny_vae
@@ -16,11 +17,8 @@ KEYS = ("qwen_states", "qwen_mask", "t5_ids", "t5_mask")
 
 @pytest.fixture(scope="module")
 def stack(tokenizer_dir):
-    model_api = pytest.importorskip("anima_ft.model")
-    if not hasattr(model_api, "build_anima"):
-        pytest.skip("anima_ft.model.build_anima is not available yet")
-    cfg = model_api.AnimaConfig.tiny()
-    model = model_api.build_anima(cfg, device="cpu", dtype=torch.float64, seed=0).eval()
+    cfg = AnimaConfig.tiny()
+    model = build_anima(cfg, device="cpu", dtype=torch.float64, seed=0).eval()
     text = TextEncoder(
         tiny_qwen3(seed=0).double(), *load_tokenizers(tokenizer_dir / "qwen3_06b", tokenizer_dir / "t5_old")
     )

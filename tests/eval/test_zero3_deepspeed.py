@@ -15,7 +15,6 @@ WORKER = Path(__file__).with_name("zero3_worker.py")
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_eval_hooks_on_zero3_engine(tmp_path):
-    pytest.importorskip("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[2])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(WORKER)]

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import types
 
+import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.transformers import transformer_cosmos
 
 from anima_ft.model import AdapterConfig, AnimaConfig, build_anima
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers.models.transformers import transformer_cosmos  # noqa: E402
 
 _DIT_RENAMES = [  # order matters (spec section 9)
     ("t_embedder.1", "time_embed.t_embedder"),

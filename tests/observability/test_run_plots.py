@@ -66,3 +66,39 @@ def test_cli_writes_loss_stats_and_probe_pngs_for_two_runs(tmp_path, capsys):
     assert (c / "plots" / "loss.png").exists() and not (c / "plots" / "probe.png").exists()
     assert run_plots.main([str(tmp_path / "missing")]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_plotted_curves_are_the_metrics_series(tmp_path, monkeypatch):
+    """What the PNGs show: each panel's lines carry exactly the metrics.jsonl series (raw and EMA-smoothed loss per
+    run, probe ratios), the stage boundary is drawn at the first step of stage 1, and the legends name the runs."""
+    captured = {}
+    real_save = run_plots._save
+
+    def grab(fig, path):
+        captured[path.name] = [
+            {"title": ax.get_title(), "legend": [t.get_text() for t in ax.get_legend().get_texts()]
+             if ax.get_legend() else [],
+             "lines": [(list(map(float, ln.get_xdata())), list(map(float, ln.get_ydata()))) for ln in ax.get_lines()]}
+            for ax in fig.axes]
+        return real_save(fig, path)
+
+    monkeypatch.setattr(run_plots, "_save", grab)
+    rows = [{"step": 0, "probe/replay/mean_rel": 1.0}]
+    for s in range(1, 7):
+        rows.append({"step": s, "stage": int(s > 3), "loss": 1.0 / s, "loss/target": 1.0 / s, "loss/replay": 2.0 / s})
+    rows[-1]["probe/replay/mean_rel"] = 1.25  # the trainer logs one row per step, probe included
+    run = _write_run(tmp_path / "r", rows)
+    assert run_plots.main([str(run), "--out-dir", str(tmp_path / "p"), "--smooth", "0.5"]) == 0
+
+    steps = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    total = [1.0 / s for s in range(1, 7)]
+    loss_axes = captured["loss.png"]
+    assert [ax["title"] for ax in loss_axes] == ["loss", "loss on replay", "loss on target"]
+    raw, smooth, stage_line = loss_axes[0]["lines"][:3]
+    assert raw == (steps, pytest.approx(total, rel=1e-12))
+    assert smooth == (steps, pytest.approx(run_plots.ema(total, 0.5), rel=1e-12))
+    assert stage_line[0] == [4.0, 4.0]  # axvline at the first step of stage 1
+    assert loss_axes[1]["lines"][0][1] == pytest.approx([2.0 / s for s in range(1, 7)], rel=1e-12)
+    assert loss_axes[0]["legend"] == ["r"]
+    (probe_ax,) = captured["probe.png"]
+    assert probe_ax["lines"][0] == ([0.0, 6.0], [1.0, 1.25])
