@@ -29,11 +29,11 @@ from anima_ft.runtime import write_json_atomic
 
 from .batches import build_stream, source_names
 from .checkpoint import (
-    find_checkpoint,
     load_checkpoint,
     read_rank_states,
     read_trainer_state,
     reseed_rng,
+    resolve_resume,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -104,7 +104,7 @@ class Trainer:
         self.sources = source_names(cfg)
         self.base_weights = {s.name: s.weight for s in cfg.data.sources}
 
-        ckpt = find_checkpoint(self.ckpt_root, cfg.checkpoint.resume)
+        ckpt = resolve_resume(self.ckpt_root, cfg.checkpoint.resume)  # rolls newer checkpoints aside
         loaded = read_trainer_state(ckpt) if ckpt else {}
         self.state = {k: int(loaded.get(k, 0)) for k in COUNTERS}
         saved_world = int(loaded.get("world_size", env.world_size))
