@@ -1,4 +1,7 @@
-"""Two gloo ranks on CPU: the probe table is bitwise the world-size-1 table; sharded drift equals the local one."""
+"""Two gloo ranks on CPU: the probe table is bitwise the world-size-1 table; sharded drift equals the local one.
+
+Condition of the bitwise claim (tests/conftest.py): both sides run with the same intra-op thread count
+(``RANK_THREADS``), and the probe computes each sample on its own, so the world size only changes which rank runs it."""
 
 from __future__ import annotations
 
@@ -45,8 +48,8 @@ def _measure_all():
             "n_tracked": len(replicated._tracked)}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, init_file: str, out_dir: str, num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.save(_measure_all(), f"{out_dir}/rank{rank}.pt")
@@ -55,9 +58,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.multiproc
-def test_two_ranks_match_one(tmp_path):
+def test_two_ranks_match_one(tmp_path, rank_threads):
+    assert torch.get_num_threads() == rank_threads  # the same thread count on both sides of the bitwise comparison
     single = _measure_all()
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), rank_threads), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     n_params = len(list(_tiny().parameters()))
     assert ranks[0]["n_tracked"] + ranks[1]["n_tracked"] == n_params
