@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from anima_ft.eval.groups import group_of, group_sort_key, is_ignored, kind_of, strip_prefix
+from anima_ft.model.groups import drift_group as group_of
+from anima_ft.model.groups import group_sort_key, is_ignored, strip_prefix
+from anima_ft.model.groups import lr_group_of_drift_group as kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +151,8 @@ def aggregate(tensors: dict[str, DriftStats], key=group_of) -> dict[str, DriftSt
 
 
 def kind_table(groups: dict[str, DriftStats]) -> dict[str, DriftStats]:
-    """Coarse summary: sum groups into kinds (llm_adapter, self_attn, ..., final_layer) plus ``total``."""
+    """Coarse summary: sum drift groups into the six LR groups they lie in (``llm_adapter``, ``self_attn``, ...,
+    ``mod``, ``base``) plus ``total``."""
     kinds: dict[str, DriftStats] = defaultdict(DriftStats)
     for g, st in groups.items():
         kinds[kind_of(g)] += st

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 from anima_ft.eval.drift import rel_and_cos
-from anima_ft.eval.groups import group_of, group_sort_key, is_ignored, kind_of, strip_prefix
+from anima_ft.model.groups import drift_group as group_of
+from anima_ft.model.groups import group_sort_key, is_ignored, strip_prefix
+from anima_ft.model.groups import lr_group_of_drift_group as kind_of
 from anima_ft.runtime import world_and_rank
 
 logger = logging.getLogger(__name__)

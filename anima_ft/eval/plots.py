@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from anima_ft.eval.groups import group_sort_key  # noqa: E402
+from anima_ft.model.groups import group_sort_key  # noqa: E402
 
 
 def probe_plot(

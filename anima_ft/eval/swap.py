@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from anima_ft.eval.groups import is_ignored, strip_prefix
+from anima_ft.model.groups import is_ignored, strip_prefix
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ SPLITS = ("target_train", "replay_train", "target_probe", "replay_probe")
 TEXT_WIDTH = 32  # = AnimaConfig.tiny().adapter.source_dim
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAB_DATA_VERSION = 1  # bump when digits / codec / text-stack code changes what the shards hold
-DIT_KINDS = ("self_attn", "cross_attn", "mlp", "adaln", "embedders", "final_layer")
+DIT_KINDS = ("self_attn", "cross_attn", "mlp", "mod", "base")  # the DiT's LR groups (anima_ft.model.groups)
 
 
 def build_text_encoder(seed: int):

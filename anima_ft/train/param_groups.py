@@ -15,23 +15,9 @@ import torch
 from torch import nn
 
 from anima_ft.config.schema import PARAM_GROUPS
+from anima_ft.model.groups import lr_group as group_of  # the one definition of the LR groups
 
-_RULES = (
-    ("llm_adapter", re.compile(r"^llm_adapter\.")),
-    ("mod", re.compile(r"adaln_modulation")),
-    ("self_attn", re.compile(r"(^|\.)self_attn\.")),
-    ("cross_attn", re.compile(r"(^|\.)cross_attn\.")),
-    ("mlp", re.compile(r"(^|\.)mlp\.")),
-)
 _NO_DECAY = re.compile(r"(norm|embed)")
-
-
-def group_of(name: str) -> str:
-    """The LR group of a parameter name (one of ``PARAM_GROUPS``)."""
-    for group, rule in _RULES:
-        if rule.search(name):
-            return group
-    return "base"
 
 
 def decays(name: str, param: torch.Tensor) -> bool:

@@ -40,12 +40,13 @@ def perturb_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
 
 
 def reference_drift(start: dict, now: dict) -> dict[str, float]:
-    """Coarse drift metrics by direct float64 concatenation of each kind's tensors."""
-    from anima_ft.eval.groups import group_of, kind_of
+    """Coarse drift metrics by direct float64 concatenation of each LR group's tensors (grouped per tensor, while
+    the tracker sums drift groups: the two agree only if every drift group lies inside one LR group)."""
+    from anima_ft.model.groups import lr_group
 
     kinds: dict[str, list[str]] = {}
     for n in start:
-        kinds.setdefault(kind_of(group_of(n)), []).append(n)
+        kinds.setdefault(lr_group(n), []).append(n)
     kinds["total"] = list(start)
     out = {}
     for k, names in kinds.items():

@@ -10,32 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from anima_ft.eval import drift
-from anima_ft.eval.groups import group_of, kind_of, strip_prefix
 
 
 def _write(path, tensors, prefix="net."):
     save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, str(path))
     return str(path)
-
-
-def test_group_names():
-    cases = {
-        "net.blocks.7.self_attn.q_proj.weight": "blocks.7.self_attn",
-        "blocks.7.cross_attn.k_norm.weight": "blocks.7.cross_attn",
-        "model.diffusion_model.blocks.12.mlp.layer2.weight": "blocks.12.mlp",
-        "blocks.0.adaln_modulation_cross_attn.2.weight": "blocks.0.adaln",
-        "x_embedder.proj.1.weight": "embedders",
-        "t_embedder.1.linear_2.weight": "embedders",
-        "t_embedding_norm.weight": "embedders",
-        "final_layer.adaln_modulation.1.weight": "final_layer",
-        "net.llm_adapter.blocks.3.cross_attn.o_proj.weight": "llm_adapter.blocks.3",
-        "llm_adapter.embed.weight": "llm_adapter.embed",
-        "llm_adapter.out_proj.bias": "llm_adapter.out",
-    }
-    for name, group in cases.items():
-        assert group_of(name) == group, name
-    assert kind_of("blocks.7.adaln") == "adaln" and kind_of("llm_adapter.blocks.3") == "llm_adapter"
-    assert strip_prefix("module.net.blocks.0.mlp.layer1.weight") == "blocks.0.mlp.layer1.weight"
 
 
 def test_drift_equals_hand_computation(tmp_path):
@@ -97,7 +76,7 @@ def test_cli_writes_table_csv_and_heatmap(tmp_path, capsys):
     assert "| blocks.0.self_attn |" in text and "rel p2 vs cosmos" in text
     assert "drift p2.safetensors" in captured.err and "3/3" in captured.err  # a progress bar over the tensors
     rows = list(csv.DictReader(open(out / "drift_groups.csv")))
-    p2 = [r for r in rows if r["comparison"] == "p2 vs cosmos" and r["group"] == "blocks.0.adaln"][0]
+    p2 = [r for r in rows if r["comparison"] == "p2 vs cosmos" and r["group"] == "blocks.0.mod"][0]
     assert float(p2["rel_change"]) == pytest.approx(0.2, rel=1e-6)  # b = 1.2 a -> ||b-a||/||a|| = 0.2
     assert float(p2["cosine"]) == pytest.approx(1.0, abs=1e-6)
     assert (out / "drift_heatmap.png").stat().st_size > 1000
