@@ -1,4 +1,4 @@
-"""Float64 identities of the rectified-flow path (spec section 7)."""
+"""Float64 identities of the rectified-flow path (docs/model.md#objective)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def test_sampler_with_precomputed_context_matches_full_model_loop(stack):
     with torch.no_grad():
         cond = model.encode_context(*(cond_in[k] for k in KEYS))
         uncond = model.encode_context(*(uncond_in[k] for k in KEYS))
-    assert torch.isfinite(uncond).all()  # the fully masked empty caption must not give NaN (spec pitfall 3)
+    assert torch.isfinite(uncond).all()  # the fully masked empty caption must not give NaN (docs/model.md#pitfall-3)
     noise = torch.randn(2, 16, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sigmas = sigma_schedule(2, shift=3.0)
     out = euler_sample(model.denoise, noise, sigmas, cond, uncond, guidance_scale=4.0)

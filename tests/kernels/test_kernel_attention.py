@@ -95,7 +95,7 @@ def test_matches_reference_fp32(case, device):
     mask = kwargs["key_mask_B_Lk"]
     if mask is not None:
         empty_B = ~mask.any(dim=-1)
-        # Rows with no valid key: output and the q gradient exactly 0 (spec pitfall 3).
+        # Rows with no valid key: output and the q gradient exactly 0 (docs/model.md#pitfall-3).
         assert (actual[0].cpu()[empty_B] == 0).all()
         assert (actual[1].cpu()[empty_B] == 0).all()
         assert (actual[2].cpu()[empty_B] == 0).all() and (actual[3].cpu()[empty_B] == 0).all()

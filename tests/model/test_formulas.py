@@ -1,4 +1,4 @@
-"""float64 formula tests of the DiT's building blocks against the spec's closed forms (sections 2.2-2.6)."""
+"""float64 formula tests of the DiT's building blocks against the closed forms of docs/model.md (#patchify to #adaln)."""
 
 from __future__ import annotations
 

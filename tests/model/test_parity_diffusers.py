@@ -1,6 +1,6 @@
-"""Parity of our DiT + adapter with diffusers' CosmosTransformer3DModel + AnimaTextConditioner (spec sections 9-10).
+"""Parity of our DiT + adapter with diffusers' CosmosTransformer3DModel + AnimaTextConditioner (docs/model.md#verification).
 
-Both are loaded from OUR saved state dict through the spec's key mapping, every tensor randomized, float64, batch 2,
+Both are loaded from OUR saved state dict through the key mapping of docs/model.md#keys, every tensor randomized, float64, batch 2,
 non-square latents, masks of different lengths including an empty caption.
 """
 
@@ -16,7 +16,7 @@ from diffusers.models.transformers import transformer_cosmos
 
 from anima_ft.model import AdapterConfig, AnimaConfig, build_anima
 
-_DIT_RENAMES = [  # order matters (spec section 9)
+_DIT_RENAMES = [  # order matters (docs/model.md#keys)
     ("t_embedder.1", "time_embed.t_embedder"),
     ("t_embedding_norm", "time_embed.norm"),
     ("blocks", "transformer_blocks"),
@@ -97,7 +97,7 @@ def models():
     ).double()
     ref_dit.load_state_dict(dit_sd, strict=True)
     ref_adapter.load_state_dict(adapter_sd, strict=True)
-    for m in ref_dit.modules():  # diffusers builds the qk-norms with eps 1e-5; the original uses 1e-6 (spec 9)
+    for m in ref_dit.modules():  # diffusers builds the qk-norms with eps 1e-5; the original uses 1e-6 (docs/model.md#pitfall-10)
         for name in ("norm_q", "norm_k"):
             if hasattr(m, name) and hasattr(getattr(m, name), "eps"):
                 getattr(m, name).eps = 1e-6
@@ -132,7 +132,7 @@ def test_adapter_matches_diffusers(models):
     assert torch.isfinite(got).all()
     scale = want.abs().max()
     assert (got - want).abs().max() <= 1e-6 * scale
-    # rows past each caption's T5 length are exactly zero (zeroed before padding, spec pitfall 2)
+    # rows past each caption's T5 length are exactly zero (zeroed before padding, docs/model.md#pitfall-2)
     assert (got[1, 3:] == 0).all() and (got[2, 1:] == 0).all()
 
 

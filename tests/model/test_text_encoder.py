@@ -1,4 +1,4 @@
-"""Text path: real tokenizers (spec example ids, truncation, empty caption), padding/masking against unpadded
+"""Text path: real tokenizers (the example ids of docs/model.md#text, truncation, empty caption), padding/masking against unpadded
 float64 Qwen3 runs, single-file / HF-directory loading, fingerprints."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from anima_ft.model.text_encoder import (
 from anima_ft.model.tokenizers import load_tokenizers, tokenize_captions, tokenizer_identity
 
 EXAMPLE = "1girl, solo, @artist name, smiling"
-EXAMPLE_T5 = [209, 18722, 6, 6729, 6, 3320, 1408, 343, 564, 6, 20770, 1]  # spec section 5
+EXAMPLE_T5 = [209, 18722, 6, 6729, 6, 3320, 1408, 343, 564, 6, 20770, 1]  # docs/model.md#text
 LONG = ", ".join(f"tag{i} blue hair" for i in range(300))  # > 512 tokens for both tokenizers
 
 
@@ -179,7 +179,7 @@ def test_tokenizer_identity_is_stable_across_processes(tokenizers, tokenizer_dir
 
 
 def test_real_qwen3_config_gives_spec_parameter_count(tokenizer_dir):
-    """Qwen3-0.6B-Base from the shipped config.json: 596,049,920 parameters with tied embeddings (spec §4/§5)."""
+    """Qwen3-0.6B-Base from the shipped config.json: 596,049,920 parameters with tied embeddings (docs/model.md#sizes)."""
     from transformers import Qwen3Config, Qwen3Model
 
     config = Qwen3Config.from_json_file(str(tokenizer_dir / "qwen3_06b" / "config.json"))

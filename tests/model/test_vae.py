@@ -1,5 +1,5 @@
 """AnimaVAE: official-layout key mapping (checked against diffusers' own converter), single-file and diffusers
-loading, posterior-mean encoding with the spec's normalization, and decoding."""
+loading, posterior-mean encoding with Anima's normalization (docs/model.md#vae), and decoding."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from anima_ft.model.vae import (
     tiny_vae,
 )
 
-# Spec section 6, typed in again here on purpose (the test must not read the constants it checks).
+# docs/model.md#vae, typed in again here on purpose (the test must not read the constants it checks).
 SPEC_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
              0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
 SPEC_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,

@@ -11,7 +11,7 @@ from anima_ft.train.param_groups import apply_trainable, build_param_groups, dec
 
 
 def _diffusion_pipe_group(name: str) -> str:
-    """diffusion-pipe's substring rule (spec section 8), written independently as the reference."""
+    """diffusion-pipe's substring rule (docs/training.md#lr-groups), written independently as the reference."""
     if "llm_adapter" in name:
         return "llm_adapter"
     for key, group in ((".self_attn", "self_attn"), (".cross_attn", "cross_attn"), (".mlp", "mlp"),
