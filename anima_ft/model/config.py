@@ -7,6 +7,7 @@ Defaults are full-size Anima (Cosmos-Predict2-2B + 6-layer adapter), see docs/mo
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -175,10 +176,10 @@ def _check_ranges(cfg, where: str) -> None:
         low = 0 if f.name == "context_tokens" else 1
         if isinstance(value, int) and value < low:
             raise ValueError(f"{where}{f.name}={value} must be >= {low}")
-        if isinstance(value, float) and not value > 0:
-            raise ValueError(f"{where}{f.name}={value} must be > 0")
-        if isinstance(value, tuple) and not all(v > 0 for v in value):
-            raise ValueError(f"{where}{f.name}={list(value)} must be all > 0")
+        if isinstance(value, float) and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{where}{f.name}={value} must be a finite number > 0")
+        if isinstance(value, tuple) and not all(v > 0 and math.isfinite(v) for v in value):
+            raise ValueError(f"{where}{f.name}={list(value)} must be all finite and > 0")
 
 
 # --- The official tensor layout and the config it implies ----------------------------------------------------------
@@ -218,7 +219,7 @@ _DIM_RE = re.compile(r"(\d*)([A-Za-z]+)")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _ADAPTER_BLOCK_RE = re.compile(r"^llm_adapter\.blocks\.(\d+)\.")
 _SHAPE_FIELDS = ("model_channels", "num_blocks", "num_heads", "in_channels", "out_channels", "patch_spatial",
-                 "crossattn_emb_channels", "mlp_hidden", "adaln_lora_dim")
+                 "crossattn_emb_channels", "adaln_lora_dim")
 _ADAPTER_SHAPE_FIELDS = ("source_dim", "model_dim", "num_layers", "num_heads", "mlp_hidden", "vocab_size")
 _LIST_LIMIT = 50  # tensors named per kind of problem in a message; the rest are counted
 
@@ -433,12 +434,11 @@ def infer_config(shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, str] 
 
 def shape_field_differences(stored: AnimaConfig, inferred: AnimaConfig) -> list[tuple[str, object, object]]:
     """``(field, stored value, inferred value)`` for every shape-determining field where the two configs differ."""
-    out = []
-    for name in _SHAPE_FIELDS:
-        a, b = getattr(stored, name), getattr(inferred, name)
-        if a != b:
-            out.append(("mlp_ratio" if name == "mlp_hidden" else name,
-                        stored.mlp_ratio if name == "mlp_hidden" else a, inferred.mlp_ratio if name == "mlp_hidden" else b))
+    out = [(name, getattr(stored, name), getattr(inferred, name)) for name in _SHAPE_FIELDS
+           if getattr(stored, name) != getattr(inferred, name)]
+    # the ratio disagrees only if, applied to the tensors' width, it gives another hidden width (4.0 vs 4.001 agree)
+    if not math.isfinite(stored.mlp_ratio) or int(inferred.model_channels * stored.mlp_ratio) != inferred.mlp_hidden:
+        out.append(("mlp_ratio", stored.mlp_ratio, inferred.mlp_ratio))
     if (stored.adapter is None) != (inferred.adapter is None):
         out.append(("adapter", "none" if stored.adapter is None else "present",
                     "none" if inferred.adapter is None else "present"))
