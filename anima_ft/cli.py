@@ -10,6 +10,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("anima_ft.data.prepare_cli", "turn images + captions into pre-encoded webdataset shards"),
+    "verify": ("anima_ft.data.verify", "check shards after a copy: index, checksums, decoding (exit 1 when damaged)"),
     "export": ("anima_ft.train.export", "ZeRO checkpoint -> one bf16 safetensors file in the official `net.` layout"),
     "probe": ("anima_ft.eval.probe_cli", "fixed-sigma forgetting probe on exported checkpoints (CSV + PNG)"),
     "plot": ("anima_ft.observability.run_plots", "loss / probe / LR curves of training runs as PNGs (no wandb needed)"),

@@ -275,7 +275,7 @@ def decode_members(members: dict[str, bytes], entry: dict, qwen_dim: int) -> dic
     if missing:
         raise SampleError("missing_field", f"members {missing} absent")
     try:
-        meta = json.loads(members["json"])
+        meta = json.loads(members["json"].decode("utf-8"))  # strict: no UTF-16 guess, no encoded surrogates
         latent = st_load(bytes(members["latent.safetensors"]))
         text = st_load(bytes(members["text.safetensors"]))
     except Exception as err:  # json and safetensors raise many types on garbage
