@@ -5,6 +5,7 @@ Unknown keys fail before OmegaConf sees them, with the closest valid key in the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -43,7 +44,8 @@ def _closest(key: str, valid: list[str]) -> str:
 def check_keys(tree: Any, cls: type = Config, prefix: str = "", where: str = "config") -> None:
     """Raise ValueError for the first key of ``tree`` (nested dict from YAML) that the schema does not have."""
     if not isinstance(tree, dict):
-        raise ValueError(f"{where}: {prefix or 'the top level'} must be a mapping, got {type(tree).__name__}")
+        raise ValueError(f"{where}: {prefix.rstrip('.') or 'the top level'} must be a mapping, got "
+                         f"{type(tree).__name__}")
     types = _field_types(cls)
     for key, value in tree.items():
         full = f"{prefix}{key}"
@@ -51,7 +53,11 @@ def check_keys(tree: Any, cls: type = Config, prefix: str = "", where: str = "co
             paths = [f"{prefix}{k}" for k in types]
             raise ValueError(f"{where}: unknown key {full!r}{_closest(full, paths)}")
         if full in _FREE_DICT_FIELDS:
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{where}: {full} must be a mapping, got {type(value).__name__}")
             continue
+        if typing.get_origin(types[key]) is list and value is not None and not isinstance(value, list):
+            raise ValueError(f"{where}: {full} must be a list, got {type(value).__name__} {value!r:.60}")
         sub = _dataclass_of(types[key])
         if sub is None:
             continue
@@ -96,8 +102,32 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("+")
         _check_dotted(key)
-        out.append((key, yaml.safe_load(raw) if raw != "" else ""))
+        out.append((key, _parse_yaml(raw, f"override {key}") if raw != "" else ""))
     return out
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with syntax errors as ValueError naming ``where`` (file or override) and the position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{where}: YAML syntax error{at}: {problem}; fix the YAML (quote strings with ':' or '#')") \
+            from None
+
+
+_DEFAULTS: list[DictConfig] = []
+
+
+def _defaults() -> DictConfig:
+    """A fresh struct-mode copy of the schema defaults (building them from the dataclasses takes ~7x longer)."""
+    if not _DEFAULTS:
+        base = OmegaConf.structured(Config)
+        OmegaConf.set_struct(base, True)
+        _DEFAULTS.append(base)
+    return copy.deepcopy(_DEFAULTS[0])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -105,19 +135,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Raises ValueError naming the bad key (with the closest valid one) or the bad value.
     """
-    cfg: DictConfig = OmegaConf.structured(Config)
-    OmegaConf.set_struct(cfg, True)
+    cfg = _defaults()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"config file {path} is unreadable ({exc}); give a UTF-8 YAML file") from None
+        tree = _parse_yaml(text, str(path))
+        tree = {} if tree is None else tree
         check_keys(tree, where=str(path))
         try:
             with open_dict(cfg.dist.deepspeed_overrides):
                 cfg = OmegaConf.merge(cfg, tree)
-        except OmegaConfBaseException as exc:
-            raise ValueError(f"{path}: {exc}") from None
+        except (OmegaConfBaseException, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise ValueError(f"{path}: {_one_line(exc)}") from None
     for key, value in parse_overrides(list(overrides or [])):
         try:
             if key.startswith("dist.deepspeed_overrides"):
@@ -125,11 +159,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                     OmegaConf.update(cfg, key, value, force_add=True)
             else:
                 OmegaConf.update(cfg, key, value)
-        except OmegaConfBaseException as exc:
-            raise ValueError(f"override {key}={value!r}: {exc}") from None
-    obj = OmegaConf.to_object(cfg)
+        except (OmegaConfBaseException, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise ValueError(f"override {key}={value!r}: {_one_line(exc)}") from None
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError, TypeError) as exc:
+        raise ValueError(f"config: {_one_line(exc)}") from None
     assert isinstance(obj, Config)
     return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    """OmegaConf messages span lines (``full_key: ...``, ``object_type=...``); keep them on one log line."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def to_yaml(cfg: Config) -> str:

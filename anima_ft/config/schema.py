@@ -11,7 +11,23 @@ from typing import Any
 
 from anima_ft.distill.config import DistillConfig
 
+from .fields import SEED_MAX, bounded, one_of, seed_field
+
 PARAM_GROUPS = ("base", "self_attn", "cross_attn", "mlp", "mod", "llm_adapter")
+ATTENTION_BACKENDS = ("sdpa", "reference", "triton")
+"""``model.attention_backend`` values (``anima_ft.model.layers`` dispatches on them)."""
+MODEL_SIZES = ("full", "tiny")
+ZERO_STAGES = (1, 2, 3)
+PRECISIONS = ("bf16", "fp32")
+PG_BACKENDS = ("auto", "nccl", "gloo")
+DECAYS = ("constant", "cosine", "linear")
+SAMPLERS = ("logit_normal", "uniform")
+WANDB_MODES = ("online", "offline", "disabled")
+BUDGET_ACTIONS = ("stop", "lower_lr", "mark_best")
+
+
+def _lr(default: float):
+    return bounded(default, 0, sentinels=(-1.0,), note="-1 = inherit optim.lr, stages only")
 
 
 @dataclass
@@ -21,17 +37,17 @@ class GroupLRs:
     0 freezes a group (no gradients, no optimizer state). Inside a stage, -1 means "inherit ``optim.lr``".
     """
 
-    base: float = 1e-5
+    base: float = _lr(1e-5)
     """Embeddings, timestep MLP, final layer and anything not matched by another group."""
-    self_attn: float = 1e-5
+    self_attn: float = _lr(1e-5)
     """``blocks.*.self_attn.*``."""
-    cross_attn: float = 1e-5
+    cross_attn: float = _lr(1e-5)
     """``blocks.*.cross_attn.*``."""
-    mlp: float = 1e-5
+    mlp: float = _lr(1e-5)
     """``blocks.*.mlp.*``."""
-    mod: float = 1e-5
+    mod: float = _lr(1e-5)
     """adaLN modulation: ``blocks.*.adaln_modulation_*`` and ``final_layer.adaln_modulation``."""
-    llm_adapter: float = 1e-5
+    llm_adapter: float = _lr(1e-5)
     """``llm_adapter.*`` (the 6-layer T5/Qwen adapter)."""
 
 
@@ -47,7 +63,7 @@ class RunConfig:
     """Run directory: resolved config, metrics.jsonl, checkpoints/ and exports go here."""
     name: str = ""
     """Human name of the run (wandb display name); empty = the run directory's base name."""
-    seed: int = 0
+    seed: int = seed_field(0)
     """Global seed: model init, noise, timesteps and data order all derive from it."""
     deterministic: bool = False
     """Force deterministic torch algorithms (bitwise-reproducible resume on CPU; slower on GPU)."""
@@ -61,9 +77,9 @@ class ModelConfig:
     """Official Anima safetensors file to fine-tune; empty = random init of ``size`` (tests, smoke runs)."""
     adapter_path: str = ""
     """Separate LLM-adapter safetensors file; empty = the adapter is inside ``init_path``."""
-    size: str = "full"
+    size: str = one_of("full", MODEL_SIZES)
     """Architecture for random init when ``init_path`` is empty: ``full`` (2B) or ``tiny`` (tests)."""
-    attention_backend: str = "sdpa"
+    attention_backend: str = one_of("sdpa", ATTENTION_BACKENDS)
     """Attention implementation: ``sdpa``, ``reference`` or ``triton``."""
 
 
@@ -75,7 +91,7 @@ class SourceConfig:
     """Source name; ``target`` and ``replay`` are the ones stages re-weight."""
     shards: list[str] = field(default_factory=list)
     """Shard paths or glob patterns (webdataset tar files written by ``anima-ft prepare``)."""
-    weight: float = 1.0
+    weight: float = bounded(1.0, 0)
     """Sampling weight of this source relative to the others."""
 
 
@@ -85,17 +101,17 @@ class DataConfig:
 
     sources: list[SourceConfig] = field(default_factory=list)
     """Shard sources; empty = the built-in synthetic dataset (``synthetic_*`` fields), for tests only."""
-    num_workers: int = 2
+    num_workers: int = bounded(2, 0)
     """Loader worker processes per rank (0 = load in the training process)."""
-    caption_dropout: float = 0.0
+    caption_dropout: float = bounded(0.0, 0, 1)
     """Probability of replacing a caption by the empty-caption tensors (for CFG)."""
     expected_fingerprint: str = ""
     """Refuse shards whose encoder fingerprint differs; empty = accept any."""
-    synthetic_num_samples: int = 32
+    synthetic_num_samples: int = bounded(32, 1)
     """Synthetic dataset size (fixed samples, cycled), used only when ``sources`` is empty."""
-    synthetic_latent_size: int = 8
+    synthetic_latent_size: int = bounded(8, 2)
     """Synthetic latent height = width (pixels / 8)."""
-    synthetic_num_tokens: int = 8
+    synthetic_num_tokens: int = bounded(8, 1)
     """Synthetic caption length in Qwen and T5 tokens."""
 
 
@@ -103,11 +119,11 @@ class DataConfig:
 class BatchConfig:
     """Batch arithmetic: global = micro * grad_accum * data-parallel world size."""
 
-    micro_batch_size: int = 1
+    micro_batch_size: int = bounded(1, 1)
     """Samples per rank per forward/backward."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = bounded(1, 1)
     """Micro-batches accumulated per optimizer step."""
-    global_batch_size: int = 0
+    global_batch_size: int = bounded(0, 0)
     """Samples per optimizer step over all ranks; 0 = derived, otherwise must equal the product above."""
 
 
@@ -117,15 +133,15 @@ class OptimConfig:
 
     lr: GroupLRs = field(default_factory=GroupLRs)
     """Peak learning rate per group (stages may override)."""
-    weight_decay: float = 0.01
+    weight_decay: float = bounded(0.01, 0)
     """Decoupled weight decay; norms, biases and embeddings get none."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = bounded(lo=0, hi=1, hi_open=True, default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
+    eps: float = bounded(1e-8, 0, lo_open=True)
+    """AdamW epsilon (> 0: Adam divides by sqrt(v) + eps)."""
+    grad_clip: float = bounded(1.0, 0, note="0 = off")
     """Clip the global gradient norm to this value; 0 = off."""
-    max_nonfinite_in_row: int = 5
+    max_nonfinite_in_row: int = bounded(5, 1)
     """A non-finite loss skips the step; this many in a row saves a checkpoint and stops with an error."""
 
 
@@ -135,17 +151,17 @@ class StageConfig:
 
     name: str = ""
     """Label used in logs and metrics."""
-    num_steps: int = 0
+    num_steps: int = bounded(0, 1)
     """Optimizer steps in this stage (must be > 0)."""
     lr: GroupLRs = field(default_factory=_inherit_lrs)
     """Peak LR per group; -1 = inherit ``optim.lr``; 0 = frozen during this stage."""
-    warmup_steps: int = 0
+    warmup_steps: int = bounded(0, 0)
     """Linear warmup from 0 to the peak at the start of the stage."""
-    decay: str = "constant"
+    decay: str = one_of("constant", DECAYS)
     """After warmup: ``constant``, ``cosine`` or ``linear`` down to ``min_lr_ratio`` * peak at the stage end."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = bounded(0.0, 0, 1)
     """Floor of the decay as a fraction of the peak LR."""
-    replay_fraction: float = -1.0
+    replay_fraction: float = bounded(-1.0, 0, 1, sentinels=(-1.0,), note="-1 = keep source weights")
     """Share of samples drawn from the ``replay`` source (rest from ``target``); -1 = keep source weights."""
 
 
@@ -153,19 +169,19 @@ class StageConfig:
 class DistConfig:
     """DeepSpeed and parallelism."""
 
-    zero_stage: int = 2
+    zero_stage: int = bounded(2, 1, 3)
     """ZeRO stage: 1, 2 or 3."""
     offload_optimizer: bool = False
     """Keep optimizer state (and the step) on the CPU (ZeRO-Offload)."""
-    precision: str = "bf16"
+    precision: str = one_of("bf16", PRECISIONS)
     """``bf16`` (mixed, fp32 master weights) or ``fp32``."""
-    activation_checkpointing: float = 0.0
+    activation_checkpointing: float = bounded(0.0, 0, 1)
     """Share of DiT blocks recomputed in backward: 0 = none, 1 = all."""
     compile_blocks: bool = False
     """``torch.compile`` each DiT block."""
-    backend: str = "auto"
+    backend: str = one_of("auto", PG_BACKENDS)
     """Process-group backend: ``auto`` (nccl on GPU, gloo on CPU), ``nccl`` or ``gloo``."""
-    timeout_s: int = 600
+    timeout_s: int = bounded(600, 1)
     """Collective timeout: a rank that dies makes the others fail within this many seconds."""
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
     """Escape hatch: merged last into the generated DeepSpeed JSON (and logged)."""
@@ -175,11 +191,11 @@ class DistConfig:
 class ObjectiveConfig:
     """The rectified-flow objective (docs/model.md#objective)."""
 
-    timestep_sampling: str = "logit_normal"
+    timestep_sampling: str = one_of("logit_normal", SAMPLERS)
     """``logit_normal`` (t = sigmoid(scale * n)) or ``uniform``."""
-    sigmoid_scale: float = 1.0
+    sigmoid_scale: float = bounded(1.0, 0, lo_open=True)
     """Scale of the logit-normal sampler."""
-    shift: float = 1.0
+    shift: float = bounded(1.0, 0, lo_open=True)
     """Timestep shift t' = s t / (1 + (s - 1) t); 1 = none."""
 
 
@@ -187,11 +203,11 @@ class ObjectiveConfig:
 class CheckpointConfig:
     """Sharded training-state checkpoints."""
 
-    every_steps: int = 0
+    every_steps: int = bounded(0, 0, note="0 = off")
     """Save every N optimizer steps; 0 = off."""
-    every_minutes: float = 0.0
+    every_minutes: float = bounded(0.0, 0, note="0 = off")
     """Save when this many minutes passed since the last save; 0 = off."""
-    keep_last: int = 3
+    keep_last: int = bounded(3, 0, note="0 = keep all")
     """Number of complete checkpoints kept (older ones deleted); 0 = keep all."""
     resume: str = "auto"
     """``auto`` (from ``latest`` in the run dir when present), ``none``, or a checkpoint directory."""
@@ -207,7 +223,7 @@ class CheckpointConfig:
 class EmaConfig:
     """Exponential moving average of the trainable weights (kept sharded like the fp32 master weights)."""
 
-    decay: float = 0.0
+    decay: float = bounded(0.0, 0, 1, hi_open=True, note="0 = off")
     """EMA_t = decay * EMA_(t-1) + (1 - decay) * W_t after every applied update; 0 = off."""
 
 
@@ -215,9 +231,9 @@ class EmaConfig:
 class LoggingConfig:
     """Metrics and progress."""
 
-    every_steps: int = 1
+    every_steps: int = bounded(1, 1)
     """Write a metrics.jsonl line (and wandb) every N steps."""
-    wandb_mode: str = "disabled"
+    wandb_mode: str = one_of("disabled", WANDB_MODES)
     """``online``, ``offline`` or ``disabled``; the API key only from WANDB_API_KEY."""
     wandb_project: str = "anima_ft"
     """wandb project."""
@@ -225,7 +241,7 @@ class LoggingConfig:
     """wandb entity; empty = the key's default."""
     progress_bar: bool = True
     """tqdm bar with ETA on rank 0."""
-    peak_tflops_per_device: float = 989.0
+    peak_tflops_per_device: float = bounded(989.0, 0, lo_open=True)
     """Dense bf16 peak used for the MFU estimate (H100 SXM = 989)."""
 
 
@@ -243,37 +259,37 @@ class EvalSetConfig:
 class EvalConfig:
     """In-training diagnostics (anima_ft.eval): forgetting probe, forgetting budget, weight drift, sample grids."""
 
-    probe_every_steps: int = 0
+    probe_every_steps: int = bounded(0, 0, note="0 = off")
     """Run the forgetting probe on eval.sets at step 0 and every N steps; 0 = off."""
     sets: list[EvalSetConfig] = field(default_factory=list)
     """Probe eval sets, e.g. [{name: replay, path: data/replay_eval}] (shards written by `anima-ft prepare`)."""
-    max_samples_per_set: int = 0
+    max_samples_per_set: int = bounded(0, 0, note="0 = all")
     """Keep the first N samples of each set (sorted by key); 0 = all."""
-    sigmas: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    sigmas: list[float] = bounded(lo=0, hi=1, lo_open=True, default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
     """Absolute sigmas (t in [0, 1]) at which the probe measures the denoising loss."""
-    num_noises: int = 8
+    num_noises: int = bounded(8, 1)
     """Fixed noises per (image, sigma)."""
-    seed: int = 0
+    seed: int = seed_field(0)
     """Seed of the probe's fixed noises (independent of run.seed, so runs with different seeds compare)."""
-    drift_every_steps: int = 0
+    drift_every_steps: int = bounded(0, 0, note="0 = off")
     """Log weight drift against the starting weights every N steps (sharded, no gather); 0 = off."""
     drift_per_group: bool = False
     """Also log drift per block-level group (blocks.i.self_attn, ...), not only per kind."""
-    budget_max_rise_pct: float = 0.0
+    budget_max_rise_pct: float = bounded(0.0, 0, note="0 = off")
     """Forgetting budget: act when the `budget_set` probe loss rises more than this % above step 0; 0 = off."""
-    budget_action: str = "mark_best"
+    budget_action: str = one_of("mark_best", BUDGET_ACTIONS)
     """What the budget does: stop | lower_lr | mark_best."""
     budget_set: str = "replay"
     """The eval set the forgetting budget watches."""
-    grid_every_steps: int = 0
+    grid_every_steps: int = bounded(0, 0, note="0 = off")
     """Sample grid every N steps (needs grid_vae_path and the text-encoder paths); 0 = off."""
     grid_prompts: list[str] = field(default_factory=list)
     """Fixed prompts of the sample grid (one row each)."""
-    grid_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    grid_seeds: list[int] = bounded(lo=0, hi=SEED_MAX, default_factory=lambda: [0, 1])
     """Fixed seeds of the sample grid (one column each)."""
-    grid_size: list[int] = field(default_factory=lambda: [1024, 1024])
+    grid_size: list[int] = bounded(lo=16, default_factory=lambda: [1024, 1024])
     """Grid image size [height, width] in pixels (multiples of 16)."""
-    grid_num_steps: int = 30
+    grid_num_steps: int = bounded(30, 1)
     """Euler steps per grid image."""
     grid_guidance_scale: float = 4.0
     """CFG scale of the grid (empty negative prompt)."""
@@ -296,7 +312,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    num_steps: int = 100
+    num_steps: int = bounded(100, 0)
     """Total optimizer steps when ``stages`` is empty (otherwise the sum of stage lengths)."""
     stages: list[StageConfig] = field(default_factory=list)
     """Staged schedule; empty = one stage of ``num_steps`` with ``optim.lr`` and constant LR."""

@@ -109,10 +109,10 @@ def test_deepspeed_json_from_config():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipes_load_and_validate(recipe):
-    cfg = load_config(recipe, ["model.init_path="])  # the weights file is not part of the repository
+    cfg = load_config(recipe)
     for world in (1, 2, 8, 16):
         try:
-            validate(cfg, world_size=world)
+            validate(cfg, world_size=world, check_files=False)  # weights and shards are not in the repository
         except ValueError as exc:
             if "global_batch_size" not in str(exc):
                 raise
