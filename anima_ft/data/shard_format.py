@@ -18,8 +18,8 @@ Beside ``NAME.tar`` lies ``NAME.index.json`` (written after the tar, so its pres
                   "members": {"json": [header_offset, size], ...}, "checksums": {"json": "16 hex", ...}}]}
 
 Offsets are absolute byte positions of each member's 512-byte tar header, so the loader reads one sample with one
-seek. ``checksums`` (v2) holds the xxh3_64 of each member's data, checked on every read (about 30 GB/s: well under
-1% of a sample's load time, see docs/data_format.md); version 1 indices have none and still load, with a warning.
+seek. ``checksums`` (v2) holds the xxh3_64 of each member's data, checked on every read (about 30 GB/s: about
+2% of a sample's load time, see docs/data_format.md); version 1 indices have none and still load, with a warning.
 The index is checked against its schema when a shard is opened (``index_schema.py``). The fingerprint names the
 encoders and the sample layout; shards with different fingerprints are refused.
 """

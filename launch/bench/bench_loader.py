@@ -2,7 +2,10 @@
 
 Writes synthetic shards (latent bf16 [16, 128, 128], Qwen states bf16 [512, 1024], 512 T5 ids: what a 1 MP image
 with a long caption costs), then times the stream with one source and with a 75/25 target/replay mix, in the main
-process (num_workers=0: one core) and optionally with DataLoader workers. Reports samples/s and samples/s per core.
+process (num_workers=0: one core) and optionally with DataLoader workers. Reports samples/s and samples/s per core,
+and the cost of the per-member checksums: the same tars read through their v2 index (verified) and through a v1
+copy of the index (not verified), in CPU seconds of one process, plus the bare hash time per sample (xxh3_64, and
+blake2b for comparison).
 
     python launch/bench/bench_loader.py --samples 512 --out /tmp/anima_bench_shards
 """
@@ -10,6 +13,7 @@ process (num_workers=0: one core) and optionally with DataLoader workers. Report
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -22,6 +26,7 @@ import torch
 
 from anima_ft.data import EncodedSample, MixedStream, ShardWriter, SourceSpec, make_fingerprint
 from anima_ft.data.plan import MixPlanner
+from anima_ft.data.shard_format import encode_members, index_path_for, member_checksum
 from anima_ft.data.sources import build_catalog
 
 FINGERPRINT = make_fingerprint("bench-vae", "bench-text")
@@ -70,6 +75,62 @@ def plan_cost_us(sources: list[SourceSpec], micro: int, steps: int = 2000, world
     return (time.perf_counter() - start) / (steps * micro) * 1e6  # per sample this rank loads
 
 
+def v1_twin(src: Path, dst: Path) -> None:
+    """The same tars (hard links) with v1 indices: no checksums, so the loader verifies nothing."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for tar in sorted(src.glob("*.tar")):
+        if not (dst / tar.name).exists():
+            os.link(tar, dst / tar.name)
+        index = json.loads(index_path_for(tar).read_text())
+        index["format_version"] = 1
+        index.pop("checksum")
+        for entry in index["samples"]:
+            entry.pop("checksums")
+        index_path_for(dst / tar.name).write_text(json.dumps(index))
+
+
+def checksum_cost(out: Path, batches: int, micro: int, repeats: int) -> dict:
+    """Load CPU time per sample with (v2) and without (v1 index) checksum verification, and bare hash times."""
+    v1_twin(out / "target", out / "target_v1")
+    runs = {"v2": [], "v1": []}
+    for _ in range(repeats):  # interleaved, median: the machine may be shared
+        for label, folder in (("v2", "target"), ("v1", "target_v1")):
+            runs[label].append(measure([SourceSpec("target", str(out / folder))], batches, micro, 0)[1])
+    load_us = {k: 1e6 / statistics.median(v) for k, v in runs.items()}
+    g = torch.Generator().manual_seed(0)
+    sample = EncodedSample("k", torch.randn(16, 128, 128, generator=g), torch.randn(512, 1024, generator=g),
+                           torch.randint(2, 32000, (512,), generator=g), {"caption": "c", "bucket": [1024, 1024]})
+    members = list(encode_members(sample).values())
+
+    def per_sample_us(fn, n=20) -> float:
+        fn()
+        start = time.process_time()
+        for _ in range(n):
+            for data in members:
+                fn(data)
+        return (time.process_time() - start) / n * 1e6
+
+    xxh = per_sample_us(lambda d=b"": member_checksum(d))
+    blake = per_sample_us(lambda d=b"": hashlib.blake2b(d, digest_size=8).digest())
+    return {"checksum": "xxh3_64", "sample_bytes": sum(len(m) for m in members),
+            "load_cpu_us_per_sample": {k: round(v, 1) for k, v in load_us.items()},
+            "verify_overhead_pct_of_load": round(100 * (load_us["v2"] / load_us["v1"] - 1), 2),
+            "hash_us_per_sample": {"xxh3_64": round(xxh, 1), "blake2b": round(blake, 1)},
+            "hash_pct_of_v1_load": {"xxh3_64": round(100 * xxh / load_us["v1"], 2),
+                                    "blake2b": round(100 * blake / load_us["v1"], 2)}}
+
+
+def cpu_model() -> str:
+    """The CPU model name (lscpu's "Model name", from /proc/cpuinfo), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     """Write shards if needed, then print one JSON line per configuration."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,6 +141,7 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--workers", type=int, nargs="*", default=[0, 2])
     p.add_argument("--repeats", type=int, default=5, help="interleaved runs per configuration (median reported)")
+    p.add_argument("--checksums-only", action="store_true", help="only measure the checksum verification cost")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -87,8 +149,11 @@ def main() -> None:
     write_shards(out / "replay", "replay", args.samples, args.per_shard)
     single = [SourceSpec("target", str(out / "target"), 1.0)]
     mixed = [SourceSpec("target", str(out / "target"), 0.75), SourceSpec("replay", str(out / "replay"), 0.25)]
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__}
     print(json.dumps({"machine": machine}))
+    print(json.dumps(checksum_cost(out, args.batches, args.micro_batch_size, args.repeats)))
+    if args.checksums_only:
+        return
     load_us = float("nan")  # per-sample CPU time of the single-source stream (set by the workers=0 run)
     for workers in args.workers:
         runs = {"single": [], "mixed": []}
