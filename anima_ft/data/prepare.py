@@ -5,9 +5,19 @@ Inputs are folders of images with sidecar ``.txt`` captions, or webdataset tars 
 images in chunks of ``shard_size``; one unit per input tar); unit u is done by rank ``u % world_size`` and becomes
 ``out_dir/UNIT.tar`` (+ index). A unit whose index already exists with the same fingerprint is skipped (resume).
 
-Nothing about one bad input stops the run: undecodable or missing images, missing or empty captions, unreadable tar members
-and encoder failures are counted per reason (first examples kept); captions truncated at 512 tokens are kept and
-counted. ``prepare_summary.json`` aggregates every finished shard's counts in ``out_dir``.
+Nothing about one bad input stops the run: every dropped input is counted under a named reason (first examples kept)
+in its shard's index, and ``prepare_summary.json`` aggregates every finished shard's counts in ``out_dir``:
+
+* ``missing_image``, ``undecodable_image``, ``unreadable_input`` (a file or tar member that cannot be read);
+* ``decompression_bomb`` (PIL's limit, ``PIL.Image.MAX_IMAGE_PIXELS``), ``image_too_large`` (more than
+  ``max_input_pixels``, read from the header before anything is decoded);
+* ``aspect_ratio_out_of_range``: covering the nearest bucket would crop away more than ``max_crop_fraction`` of the
+  image (decided before resizing, so the resize target is at most bucket area / (1 - max_crop_fraction) pixels:
+  memory per image is bounded by the bucket and ``max_input_pixels``, never by the input's aspect ratio);
+* ``missing_caption``, ``empty_caption``, ``caption_invalid_utf8``, ``caption_nul_byte``, ``caption_bad_json``;
+* ``encode_error`` (an encoder call that raised; the whole batch is counted).
+
+Captions truncated at 512 tokens are kept and counted (``caption_truncated``).
 """
 
 from __future__ import annotations
@@ -15,7 +25,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,6 +91,8 @@ class PrepareConfig:
     shard_size: int = 256  # images per folder unit (= at most this many samples per shard)
     batch_size: int = 8  # images per encoder call (same bucket)
     source_name: str = "target"  # stored in every sample's metadata
+    max_crop_fraction: float = 0.5  # skip inputs whose bucket crop would cut away more than this share of the image
+    max_input_pixels: int = 1 << 26  # skip inputs with more pixels (67 MP, ~200 MB as RGB); <= PIL's bomb limit
     rank: int = 0
     world_size: int = 1
     progress: bool = True
@@ -95,11 +109,60 @@ class WorkUnit:
 
 @dataclass
 class RawItem:
-    """An input before decoding: where it came from, its image bytes (or None) and caption (None = missing)."""
+    """An input before decoding: where it came from, its image bytes (or None) and caption (None = missing).
+
+    ``caption_problem`` names why the caption bytes were refused (``caption_invalid_utf8``, ...); None = usable.
+    """
 
     origin: str
     image: bytes | None
     caption: str | None
+    caption_problem: str | None = None
+
+
+def decode_caption(raw: bytes | None, kind: str = "txt") -> tuple[str | None, str | None]:
+    """Caption bytes of a ``.txt`` file or a ``json`` record -> ``(caption, problem)``; exactly one is None,
+    except ``(None, None)`` for a missing caption. Strict UTF-8 (a leading BOM is dropped); NUL bytes are refused."""
+    if raw is None:
+        return None, None
+    try:
+        text = bytes(raw).decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        return None, "caption_invalid_utf8"
+    if kind == "json":
+        try:
+            meta = json.loads(text)
+        except ValueError:
+            return None, "caption_bad_json"
+        text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+        if not isinstance(text, str):
+            return None, None
+    if "\x00" in text:
+        return None, "caption_nul_byte"
+    return text, None
+
+
+def crop_fraction(width: int, height: int, bucket: tuple[int, int]) -> float:
+    """Share of the image that covering ``bucket`` (scale to cover, center crop) cuts away: 1 - min(r, 1/r) with
+    r = (W/H) / (width/height). The resize target has about bucket area / (1 - crop_fraction) pixels."""
+    r = (bucket[0] / bucket[1]) / (width / height)
+    return 1.0 - min(r, 1.0 / r)
+
+
+def check_prepare_config(cfg: PrepareConfig) -> None:
+    """Raise ValueError naming the setting for a rank outside the world or limits that bound nothing."""
+    if not 0 <= cfg.rank < cfg.world_size:
+        raise ValueError(f"rank {cfg.rank} must be in [0, world_size={cfg.world_size})")
+    if not (math.isfinite(cfg.max_crop_fraction) and 0.0 <= cfg.max_crop_fraction < 1.0):
+        raise ValueError(f"max_crop_fraction={cfg.max_crop_fraction} must be in [0, 1) (0.5 = skip inputs that lose "
+                         "more than half of the image to the bucket crop)")
+    bomb = Image.MAX_IMAGE_PIXELS
+    if not 1 <= cfg.max_input_pixels <= (bomb or cfg.max_input_pixels):
+        raise ValueError(f"max_input_pixels={cfg.max_input_pixels} must be in [1, {bomb}] (PIL's decompression-bomb "
+                         "limit, PIL.Image.MAX_IMAGE_PIXELS)")
+    for name in ("shard_size", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
 
 
 def _safe(name: str) -> str:
@@ -129,30 +192,25 @@ def list_units(inputs: list[str], shard_size: int) -> list[WorkUnit]:
     return units
 
 
-def _caption_from(sample: dict) -> str | None:
+def _caption_from(sample: dict) -> tuple[str | None, str | None]:
     if "txt" in sample:
-        return sample["txt"].decode("utf-8", "replace")
+        return decode_caption(sample["txt"], "txt")
     if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except ValueError:
-            return None
-        text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
-        return text if isinstance(text, str) else None
-    return None
+        return decode_caption(sample["json"], "json")
+    return None, None
 
 
 def iter_unit(unit: WorkUnit, counts: Counter) -> Iterator[RawItem]:
     """Raw inputs of a unit; tar-level read errors are counted as ``unreadable_input`` and skipped."""
     for image_path, caption_path in unit.images:
         try:
-            caption = caption_path.read_text(encoding="utf-8", errors="replace") if caption_path.exists() else None
+            caption, problem = decode_caption(caption_path.read_bytes() if caption_path.exists() else None)
             image = image_path.read_bytes()
         except OSError as err:
             counts["unreadable_input"] += 1
             log.warning("cannot read %s: %s", image_path, err)
             continue
-        yield RawItem(str(image_path), image, caption)
+        yield RawItem(str(image_path), image, caption, problem)
     if unit.tar is not None:
         def handler(err: Exception) -> bool:
             counts["unreadable_input"] += 1
@@ -161,7 +219,7 @@ def iter_unit(unit: WorkUnit, counts: Counter) -> Iterator[RawItem]:
 
         for sample in wds.tariterators.tarfile_samples([{"url": str(unit.tar)}], handler=handler):
             image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-            yield RawItem(f"{unit.tar}:{sample.get('__key__')}", image, _caption_from(sample))
+            yield RawItem(f"{unit.tar}:{sample.get('__key__')}", image, *_caption_from(sample))
 
 
 class _Encoder:
@@ -186,21 +244,47 @@ class _Encoder:
         """Decode, bucket and queue one input; encode when its bucket has a full batch."""
         if item.image is None:
             return self.skip("missing_image", item.origin)
+        if item.caption_problem is not None:
+            return self.skip(item.caption_problem, item.origin)
         if item.caption is None:
             return self.skip("missing_caption", item.origin)
         if not item.caption.strip():
             return self.skip("empty_caption", item.origin)
-        try:
-            with Image.open(io.BytesIO(item.image)) as im:
-                image = ImageOps.exif_transpose(im).convert("RGB")
-        except Exception as err:  # PIL raises many types on corrupt files
-            return self.skip("undecodable_image", item.origin, str(err))
+        image = self.decode(item)
+        if image is None:
+            return
         bucket = nearest_bucket(*image.size, buckets)
+        lost = crop_fraction(*image.size, bucket)
+        if lost > self.cfg.max_crop_fraction:  # decided before resizing: the covering resize would be lost / (1-lost)
+            return self.skip("aspect_ratio_out_of_range", item.origin, f"{image.size[0]}x{image.size[1]} in bucket "
+                             f"{bucket[0]}x{bucket[1]} would lose {lost:.0%} (max_crop_fraction "
+                             f"{self.cfg.max_crop_fraction:g})")
         cropped, geometry = resize_and_crop(image, bucket)
         queue = self.pending.setdefault(bucket, [])
         queue.append((item, cropped, {**geometry, "bucket": list(bucket)}))
         if len(queue) >= self.cfg.batch_size:
             self.flush(bucket)
+
+    def decode(self, item: RawItem) -> Image.Image | None:
+        """The RGB image (EXIF orientation applied), or None after counting why it was skipped.
+
+        The pixel count is read from the header before decoding; PIL's decompression-bomb warning is an error here.
+        """
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(item.image)) as im:
+                    w, h = im.size  # header only: nothing is decoded yet
+                    if w * h > self.cfg.max_input_pixels:
+                        self.skip("image_too_large", item.origin, f"{w}x{h} > max_input_pixels "
+                                  f"{self.cfg.max_input_pixels}")
+                        return None
+                    return ImageOps.exif_transpose(im).convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            self.skip("decompression_bomb", item.origin, str(err))
+        except Exception as err:  # PIL raises many types on corrupt files
+            self.skip("undecodable_image", item.origin, f"{type(err).__name__}: {err}")
+        return None
 
     def flush(self, bucket: tuple[int, int]) -> None:
         """Encode and write every queued input of ``bucket``."""
@@ -228,8 +312,7 @@ class _Encoder:
 
 def prepare_shards(inputs: list[str], vae: LatentEncoder, text_encoder: CaptionEncoder, cfg: PrepareConfig) -> dict:
     """Encode this rank's units of ``inputs`` into ``cfg.out_dir``; returns the summary over all finished shards."""
-    if not 0 <= cfg.rank < cfg.world_size:
-        raise ValueError(f"rank {cfg.rank} must be in [0, world_size={cfg.world_size})")
+    check_prepare_config(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     buckets = make_buckets(cfg.bucket_area, 16, cfg.bucket_width_step, cfg.min_ar, cfg.max_ar)

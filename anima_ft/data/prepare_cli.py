@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-width-step", type=int, default=64, help="spacing of bucket widths, multiple of 16")
     p.add_argument("--min-ar", type=float, default=0.5, help="narrowest bucket aspect ratio W/H")
     p.add_argument("--max-ar", type=float, default=2.0, help="widest bucket aspect ratio W/H")
+    p.add_argument("--max-crop-fraction", type=float, default=0.5,
+                   help="skip (count) inputs whose bucket crop would cut away more than this share of the image")
+    p.add_argument("--max-input-pixels", type=int, default=1 << 26,
+                   help="skip (count) inputs with more pixels, read from the header before decoding (default 67 MP)")
     p.add_argument("--shard-size", type=int, default=256, help="images per shard for folder inputs (tars: 1:1)")
     p.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
     p.add_argument("--source-name", default="target", help="source label stored in each sample's metadata")
@@ -89,7 +93,8 @@ def main(argv: list[str]) -> int:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     vae, text = build_encoders(args, device)
     cfg = PrepareConfig(out_dir=args.out, bucket_area=args.bucket_area, bucket_width_step=args.bucket_width_step,
-                        min_ar=args.min_ar, max_ar=args.max_ar, shard_size=args.shard_size,
+                        min_ar=args.min_ar, max_ar=args.max_ar, max_crop_fraction=args.max_crop_fraction,
+                        max_input_pixels=args.max_input_pixels, shard_size=args.shard_size,
                         batch_size=args.batch_size, source_name=args.source_name, rank=args.rank,
                         world_size=args.world_size, progress=not args.no_progress)
     summary = prepare_shards(args.inputs, vae, text, cfg)

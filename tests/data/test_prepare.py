@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import struct
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from anima_ft.data import MixedStream, SourceSpec
@@ -267,3 +273,165 @@ def test_two_processes_split_the_work(image_folder, tmp_path):
     assert two == one
     for tar in (tmp_path / "one").glob("*.tar"):
         assert (tmp_path / "two" / tar.name).read_bytes() == tar.read_bytes()
+
+
+# --- one input never stops the run: shapes, declared sizes and caption bytes ------------------------------------------
+
+def png_bytes(width: int, height: int, color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR is patched to declare ``width`` x ``height`` (CRC fixed): a header-only bomb."""
+    data = bytearray(png_bytes(1, 1))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def expected_reason(image: bytes | None, caption: bytes | None, cfg: PrepareConfig, buckets) -> str | None:
+    """The reference: which named skip an input must get (None = encoded), from the header and the caption bytes."""
+    if image is None:
+        return "missing_image"
+    if caption is not None:
+        try:
+            text = caption.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            return "caption_invalid_utf8"
+        if "\x00" in text:
+            return "caption_nul_byte"
+        if not text.strip():
+            return "empty_caption"
+    else:
+        return "missing_caption"
+    w, h = struct.unpack(">II", image[16:24])  # the PNG IHDR, read without PIL
+    if w * h > Image.MAX_IMAGE_PIXELS:
+        return "decompression_bomb"
+    if w * h > cfg.max_input_pixels:
+        return "image_too_large"
+    W, H = nearest_bucket(w, h, buckets)
+    kept = min((W / H) / (w / h), (w / h) / (W / H))  # share of the covering resize that survives the crop
+    return "aspect_ratio_out_of_range" if 1 - kept > cfg.max_crop_fraction else None
+
+
+def run_inputs(folder: Path, out: Path, inputs, monkeypatch, **kw) -> tuple[dict, list, PrepareConfig]:
+    """Write (image bytes, caption bytes) pairs as a folder, run prepare, return (summary, resize targets, cfg)."""
+    folder.mkdir(parents=True)
+    for i, (image, caption) in enumerate(inputs):
+        if image is not None:
+            (folder / f"in{i:03d}.png").write_bytes(image)
+        else:  # a caption without its image is not an input of a folder; use a broken file instead
+            (folder / f"in{i:03d}.png").write_bytes(b"")
+        if caption is not None:
+            (folder / f"in{i:03d}.txt").write_bytes(caption)
+    targets = []
+    real_resize = Image.Image.resize
+
+    def spy(self, size, *a, **k):
+        targets.append((tuple(self.size), tuple(size)))
+        return real_resize(self, size, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    cfg = PrepareConfig(out_dir=str(out), bucket_area=AREA, bucket_width_step=16, shard_size=64, batch_size=4,
+                        progress=False, **kw)
+    summary = prepare_shards([str(folder)], FakeVAE(), FakeText(), cfg)
+    return summary, targets, cfg
+
+
+def assert_bounded_and_counted(summary, targets, cfg, inputs) -> None:
+    buckets = make_buckets(cfg.bucket_area, 16, cfg.bucket_width_step, cfg.min_ar, cfg.max_ar)
+    reasons = [expected_reason(img if img else None, cap, cfg, buckets) if img != b"" else "undecodable_image"
+               for img, cap in inputs]
+    want = Counter(r for r in reasons if r)
+    encoded = [i for i, r in enumerate(reasons) if r is None]
+    want.update({"caption_truncated": sum(len(inputs[i][1].decode().removeprefix("\ufeff").strip()) > 20
+                                          for i in encoded)})
+    assert summary["counts"] == {k: v for k, v in want.items() if v}, (summary["counts"], want)
+    assert summary["samples"] == len(encoded)
+    assert json.loads((Path(cfg.out_dir) / "prepare_summary.json").read_text())["counts"] == summary["counts"]
+    for examples in summary["examples"].values():
+        assert all(Path(e).name.startswith("in") for e in examples)
+    max_bucket = max(w * h for w, h in buckets)
+    bound = max_bucket / (1 - cfg.max_crop_fraction) + 2 * math.sqrt(max_bucket / (1 - cfg.max_crop_fraction)) + 1
+    for source, (rw, rh) in targets:  # every resize prepare did is bounded by the bucket, whatever the input shape
+        assert rw * rh <= bound, (source, (rw, rh), bound)
+        assert source[0] * source[1] <= cfg.max_input_pixels
+
+
+def test_extreme_inputs_are_counted_skips_with_bounded_memory(tmp_path, monkeypatch):
+    """The reported inputs: a 1x6000 PNG (MemoryError before), 1x1000 (2.6 GB peak before), plus a 1x1 image,
+    header-only bombs, a size over max_input_pixels, and captions with invalid UTF-8, NUL, a BOM and only spaces."""
+    ok = b"a caption"
+    inputs = [
+        (png_bytes(1, 6000), ok), (png_bytes(6000, 1), ok), (png_bytes(1, 1000), ok),  # aspect ratio
+        (png_bytes(1, 1), ok), (png_bytes(3, 2), b"\xef\xbb\xbfBOM then text"),  # encoded (upscaled to the bucket)
+        (png_declaring(100_000, 100_000), ok),  # 1e10 px declared: PIL's bomb error
+        (png_declaring(10_000, 10_000), ok),  # 1e8 px: PIL's bomb warning, an error here
+        (png_declaring(400, 300), ok),  # 120000 px > max_input_pixels below, refused before decoding
+        (png_bytes(64, 64), b"bad \xff\xfe utf-8"), (png_bytes(64, 64), b"nul \x00 inside"),
+        (png_bytes(64, 64), b" \n\t "), (png_bytes(64, 64), None), (b"", ok),
+    ]
+    summary, targets, cfg = run_inputs(tmp_path / "in", tmp_path / "out", inputs, monkeypatch,
+                                       max_input_pixels=100_000)
+    assert summary["counts"] == {"aspect_ratio_out_of_range": 3, "decompression_bomb": 2, "image_too_large": 1,
+                                 "caption_invalid_utf8": 1, "caption_nul_byte": 1, "empty_caption": 1,
+                                 "missing_caption": 1, "undecodable_image": 1}
+    assert_bounded_and_counted(summary, targets, cfg, inputs)
+    assert summary["samples"] == 2 and len(targets) == 2
+
+
+def test_tar_captions_strict_utf8_and_json(tmp_path):
+    tar = tmp_path / "in" / "00000.tar"
+    tar.parent.mkdir()
+    img = png_bytes(64, 64)
+    with wds.TarWriter(str(tar), encoder=False) as w:
+        w.write({"__key__": "0", "png": img, "txt": b"fine caption"})
+        w.write({"__key__": "1", "png": img, "txt": b"\xc3\x28 broken"})
+        w.write({"__key__": "2", "png": img, "json": b'{"caption": "nul \\u0000 escaped"}'})
+        w.write({"__key__": "3", "png": img, "json": b'{"caption": '})
+        w.write({"__key__": "4", "png": img, "json": b'{"caption": "\xff"}'})
+        w.write({"__key__": "5", "png": img, "json": json.dumps({"text": "from text"}).encode()})
+    summary = run([tar], tmp_path / "out")
+    assert summary["samples"] == 2
+    assert summary["counts"] == {"caption_invalid_utf8": 2, "caption_nul_byte": 1, "caption_bad_json": 1}
+
+
+def test_prepare_limits_are_checked(tmp_path):
+    for kw, needle in (({"max_crop_fraction": 1.0}, "max_crop_fraction=1.0"),
+                       ({"max_crop_fraction": float("nan")}, "max_crop_fraction=nan"),
+                       ({"max_input_pixels": 0}, "max_input_pixels=0"),
+                       ({"max_input_pixels": 10**12}, "PIL's decompression-bomb limit")):
+        with pytest.raises(ValueError, match=needle):
+            prepare_shards([], FakeVAE(), FakeText(), PrepareConfig(out_dir=str(tmp_path), **kw))
+
+
+SHAPES = st.one_of(
+    st.tuples(st.integers(1, 8), st.integers(1, 8)),  # tiny
+    st.tuples(st.integers(1, 3), st.integers(200, 3000)),  # extreme tall
+    st.tuples(st.integers(200, 3000), st.integers(1, 3)),  # extreme wide
+    st.tuples(st.integers(16, 160), st.integers(16, 160)),  # ordinary (some above max_input_pixels below)
+)
+CAPTIONS = st.one_of(
+    st.none(), st.binary(max_size=30), st.text(max_size=30).map(lambda t: t.encode()),
+    st.tuples(st.text(max_size=10), st.text(max_size=10)).map(lambda p: (p[0] + "\x00" + p[1]).encode()),
+    st.sampled_from([b"a photo", b"  ", b"\xef\xbb\xbf", b"\xef\xbb\xbfok", "caf\u00e9 \u2603".encode()]),
+)
+INPUTS = st.one_of(
+    st.tuples(SHAPES.map(lambda s: png_bytes(*s)), CAPTIONS),
+    st.tuples(st.sampled_from([(40_000, 40_000), (9_000, 9_000), (200, 200), (5000, 10)]).map(
+        lambda s: png_declaring(*s)), CAPTIONS),  # header-only sizes: never decoded
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(inputs=st.lists(INPUTS, min_size=1, max_size=6))
+def test_fuzz_shapes_and_caption_bytes(tmp_path_factory, inputs):
+    """Every input is encoded with a bounded resize or is a counted skip with the reference's reason; counts exact."""
+    root = tmp_path_factory.mktemp("fuzz")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        summary, targets, cfg = run_inputs(root / "in", root / "out", inputs, monkeypatch, max_input_pixels=12_000)
+    assert_bounded_and_counted(summary, targets, cfg, inputs)
