@@ -376,6 +376,9 @@ def _roll_back(root: Path, ckpt: Path | None) -> None:
     while dest.exists():
         n += 1
         dest = root / ROLLED_BACK / f"{when}_to_{tag_for(step)}_{n}"
+    logger.warning("resuming %s (step %d): moving this run's newer checkpoints %s to %s (kept, not deleted; resume "
+                   "one of them with checkpoint.resume=DIR)", ckpt if ckpt is not None else "from scratch", step,
+                   [p.name for p in newer], dest)
     dest.mkdir(parents=True)
     for i, p in enumerate(newer):
         os.replace(p, dest / p.name)
@@ -383,9 +386,6 @@ def _roll_back(root: Path, ckpt: Path | None) -> None:
         fsync_dir(dest)
         if i == 0:
             hit("rollback_moved")
-    logger.warning("resuming %s (step %d): moved this run's newer checkpoints %s to %s (kept, not deleted; resume "
-                   "one of them with checkpoint.resume=DIR)", ckpt if ckpt is not None else "from scratch", step,
-                   [p.name for p in newer], dest)
 
 
 # -- load ---------------------------------------------------------------------------------------------------------
