@@ -2,6 +2,9 @@
 # Create (or reuse) the project's virtual environment and install anima_ft with its dependencies.
 # The CPU build of torch is pinned first so that no dependency pulls a multi-GB CUDA build.
 # Usage: source launch/setup_env.sh   (from the repository root; VENV overrides the location)
+# Exports TORCH_EXTENSIONS_DIR=<venv>/torch_extensions (unless set): DeepSpeed's CPU ops build there, not in the
+# ~/.cache/torch_extensions shared by every environment, where one killed build leaves a lock that hangs them all
+# (launch/train.py sets the same default and reports a stale lock with its path and the fix).
 set -euo pipefail
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
@@ -10,6 +13,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
+TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(cd "$VENV" && pwd)/torch_extensions}
+export TORCH_EXTENSIONS_DIR
 stamp="$VENV/.anima_ft_installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip

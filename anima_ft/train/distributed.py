@@ -321,8 +321,8 @@ def use_env_extensions_dir() -> Path:
 
 
 def _lock_holders(lock: Path) -> tuple[list[int], bool]:
-    """Pids that hold ``lock`` open (PyTorch's build keeps it open while it builds), and whether every process could
-    be inspected."""
+    """Pids that hold ``lock`` open (PyTorch's build keeps it open while it builds), and whether every process that
+    could hold it (a Python process: the build runs inside one) could be inspected."""
     holders, complete = [], True
     target = os.path.realpath(lock)
     for entry in os.scandir("/proc"):
@@ -330,12 +330,16 @@ def _lock_holders(lock: Path) -> tuple[list[int], bool]:
             continue
         try:
             for fd in os.scandir(f"/proc/{entry.name}/fd"):
-                if os.path.realpath(fd.path) == target:
+                if os.readlink(fd.path) == target:
                     holders.append(int(entry.name))
                     break
-        except PermissionError:
-            complete = False
-        except (FileNotFoundError, ProcessLookupError):  # the process ended while we looked
+        except PermissionError:  # another user's process, or a protected one (a sandbox's init)
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    complete = complete and b"python" not in f.read()
+            except OSError:
+                complete = False
+        except OSError:  # the process ended while we looked
             pass
     return holders, complete
 
