@@ -109,49 +109,108 @@ def check_index(index: Any, path: str | Path, version: int) -> None:
                     c.fail(f"skipped.examples.{r}", "expected a list of strings")
         else:
             c.int_(count, f"skipped.{reason}")
-    counted: dict[str, int] = {}
+    counted: dict[tuple[int, int] | None, int] = {}
     keys: set[str] = set()
     end_prev = 0
     for i, entry in enumerate(samples):
-        where = f"samples[{i}]."
-        c.dict_(entry, f"samples[{i}]")
-        key = c.get(entry, "key", where)
-        if type(key) is not str or not KEY_RE.fullmatch(key):
-            c.fail(f"{where}key", f"{key!r} is not 1-80 letters, digits, '_' or '-'")
-        if key in keys:
-            c.fail(f"{where}key", f"{key!r} appears twice")
-        keys.add(key)
-        bucket = c.get(entry, "bucket", where)
-        if bucket is not None:
-            W, H = c.pair(bucket, f"{where}bucket", lo=1)
-            if W % 8 or H % 8:
-                c.fail(f"{where}bucket", f"{bucket} is not a multiple of 8 (the VAE downscale)")
-        name = f"{bucket[0]}x{bucket[1]}" if bucket else "none"
-        counted[name] = counted.get(name, 0) + 1
-        c.int_(c.get(entry, "qwen_len", where), f"{where}qwen_len")
-        c.int_(c.get(entry, "t5_len", where), f"{where}t5_len")
-        start, end = c.pair(c.get(entry, "span", where), f"{where}span")
-        if start % TAR_BLOCK or start < end_prev or end <= start or end > tar_bytes:
-            c.fail(f"{where}span", f"[{start}, {end}] must be 512-aligned, after the previous sample (byte "
-                   f"{end_prev}) and end within tar_bytes {tar_bytes}")
+        end = _entry_ok(entry, version, end_prev, tar_bytes, keys)
+        if end < 0:  # find and name the field (slow path, only for a bad index)
+            _check_entry(c, i, entry, version, end_prev, tar_bytes, keys)
+            c.fail(f"samples[{i}]", "breaks the schema")  # not reached: both checks accept the same entries
+        keys.add(entry["key"])
+        bucket = tuple(entry["bucket"]) if entry["bucket"] is not None else None
+        counted[bucket] = counted.get(bucket, 0) + 1
         end_prev = end
-        members = c.dict_(c.get(entry, "members", where), f"{where}members")
-        pairs = {suffix: c.pair(value, f"{where}members.{suffix}") for suffix, value in members.items()}
-        member_end = start
-        for suffix, (offset, size) in sorted(pairs.items(), key=lambda kv: kv[1]):
-            if offset % TAR_BLOCK or offset < member_end or offset + TAR_BLOCK + _padded(size) > end:
-                c.fail(f"{where}members.{suffix}", f"[{offset}, {size}] must be 512-aligned, not overlap another "
-                       f"member, and lie inside the sample's span [{start}, {end}]")
-            member_end = offset + TAR_BLOCK + _padded(size)
-        if version >= 2:
-            sums = c.dict_(c.get(entry, "checksums", where), f"{where}checksums")
-            if set(sums) != set(members):
-                c.fail(f"{where}checksums", f"names {sorted(sums)} differ from the members {sorted(members)}")
-            for suffix, value in sums.items():
-                if type(value) is not str or not CHECKSUM_RE.fullmatch(value):
-                    c.fail(f"{where}checksums.{suffix}", f"{value!r} is not 16 lowercase hex digits")
-    if counted != buckets:
-        c.fail("buckets", f"{buckets} does not match the samples' buckets {counted}")
+    named = {f"{b[0]}x{b[1]}" if b else "none": n for b, n in counted.items()}
+    if named != buckets:
+        c.fail("buckets", f"{buckets} does not match the samples' buckets {named}")
+
+
+def _entry_ok(e: Any, version: int, end_prev: int, tar_bytes: int, keys: set[str]) -> int:
+    """The fast check of one sample entry (no strings built): its span end, or -1 when anything is off.
+    It accepts exactly what :func:`_check_entry` accepts; that one names the field."""
+    if type(e) is not dict or "bucket" not in e:
+        return -1
+    key = e.get("key")
+    if type(key) is not str or key in keys or not KEY_RE.fullmatch(key):
+        return -1
+    bucket = e["bucket"]
+    if bucket is not None:
+        if type(bucket) is not list or len(bucket) != 2:
+            return -1
+        W, H = bucket
+        if type(W) is not int or type(H) is not int or not (1 <= W <= MAX_INT and 1 <= H <= MAX_INT) or W % 8 or H % 8:
+            return -1
+    q, t, span, members = e.get("qwen_len"), e.get("t5_len"), e.get("span"), e.get("members")
+    if type(q) is not int or type(t) is not int or not (0 <= q <= MAX_INT and 0 <= t <= MAX_INT):
+        return -1
+    if type(span) is not list or len(span) != 2 or type(members) is not dict:
+        return -1
+    start, end = span
+    if type(start) is not int or type(end) is not int or not (0 <= start <= MAX_INT and 0 <= end <= MAX_INT):
+        return -1
+    if start % TAR_BLOCK or start < end_prev or end <= start or end > tar_bytes:
+        return -1
+    pairs = []
+    for value in members.values():
+        if type(value) is not list or len(value) != 2:
+            return -1
+        offset, size = value
+        if type(offset) is not int or type(size) is not int or not (0 <= offset <= MAX_INT and 0 <= size <= MAX_INT):
+            return -1
+        pairs.append((offset, size))
+    pairs.sort()
+    member_end = start
+    for offset, size in pairs:
+        if offset % TAR_BLOCK or offset < member_end or offset + TAR_BLOCK + _padded(size) > end:
+            return -1
+        member_end = offset + TAR_BLOCK + _padded(size)
+    if version >= 2:
+        sums = e.get("checksums")
+        if type(sums) is not dict or sums.keys() != members.keys():
+            return -1
+        for value in sums.values():
+            if type(value) is not str or not CHECKSUM_RE.fullmatch(value):
+                return -1
+    return end
+
+
+def _check_entry(c: _Checker, i: int, entry: Any, version: int, end_prev: int, tar_bytes: int,
+                 keys: set[str]) -> None:
+    """The detailed check of sample entry i: raises :class:`BadIndex` naming the first bad field."""
+    where = f"samples[{i}]."
+    c.dict_(entry, f"samples[{i}]")
+    key = c.get(entry, "key", where)
+    if type(key) is not str or not KEY_RE.fullmatch(key):
+        c.fail(f"{where}key", f"{key!r} is not 1-80 letters, digits, '_' or '-'")
+    if key in keys:
+        c.fail(f"{where}key", f"{key!r} appears twice")
+    bucket = c.get(entry, "bucket", where)
+    if bucket is not None:
+        W, H = c.pair(bucket, f"{where}bucket", lo=1)
+        if W % 8 or H % 8:
+            c.fail(f"{where}bucket", f"{bucket} is not a multiple of 8 (the VAE downscale)")
+    c.int_(c.get(entry, "qwen_len", where), f"{where}qwen_len")
+    c.int_(c.get(entry, "t5_len", where), f"{where}t5_len")
+    start, end = c.pair(c.get(entry, "span", where), f"{where}span")
+    if start % TAR_BLOCK or start < end_prev or end <= start or end > tar_bytes:
+        c.fail(f"{where}span", f"[{start}, {end}] must be 512-aligned, after the previous sample (byte "
+               f"{end_prev}) and end within tar_bytes {tar_bytes}")
+    members = c.dict_(c.get(entry, "members", where), f"{where}members")
+    pairs = {suffix: c.pair(value, f"{where}members.{suffix}") for suffix, value in members.items()}
+    member_end = start
+    for suffix, (offset, size) in sorted(pairs.items(), key=lambda kv: kv[1]):
+        if offset % TAR_BLOCK or offset < member_end or offset + TAR_BLOCK + _padded(size) > end:
+            c.fail(f"{where}members.{suffix}", f"[{offset}, {size}] must be 512-aligned, not overlap another "
+                   f"member, and lie inside the sample's span [{start}, {end}]")
+        member_end = offset + TAR_BLOCK + _padded(size)
+    if version >= 2:
+        sums = c.dict_(c.get(entry, "checksums", where), f"{where}checksums")
+        if set(sums) != set(members):
+            c.fail(f"{where}checksums", f"names {sorted(sums)} differ from the members {sorted(members)}")
+        for suffix, value in sums.items():
+            if type(value) is not str or not CHECKSUM_RE.fullmatch(value):
+                c.fail(f"{where}checksums.{suffix}", f"{value!r} is not 16 lowercase hex digits")
 
 
 def entry_problem(entry: dict, file_size: int) -> tuple[str, str] | None:

@@ -9,10 +9,12 @@ import logging
 import shutil
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from shard_factory import FINGERPRINT, expected_sample, write_source
 
 from anima_ft.data import MixedStream, SourceSpec
-from anima_ft.data.index_schema import BadIndex
+from anima_ft.data.index_schema import BadIndex, _check_entry, _Checker, _entry_ok
 from anima_ft.data.shard_format import TAR_BLOCK, index_path_for, read_index
 
 BUCKETS = [(64, 32)]
@@ -127,3 +129,35 @@ def test_v1_and_v2_shards_of_one_encoder_mix(shards):
     stream = MixedStream([SourceSpec("s", str(root))], micro_batch_size=2, validate="full")
     assert len(stream.catalog) == 12 and stream.catalog.checksummed == [True, True, False]
     assert stream.fingerprint == FINGERPRINT
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.sampled_from([0, 8, 512, 1024, 2**53]),
+                   st.floats(allow_nan=True), st.text(max_size=20), st.lists(st.integers(0, 4096), max_size=3))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fast_and_detailed_entry_checks_agree(shards, data):
+    """The index check's fast path (no strings built) accepts exactly what the field-naming path accepts."""
+    root, _ = shards
+    index = read_index(root / "s-0000.tar")
+    entry = json.loads(json.dumps(index["samples"][1]))
+    for _ in range(data.draw(st.integers(0, 3))):
+        path = data.draw(st.sampled_from([("key",), ("bucket",), ("bucket", 0), ("qwen_len",), ("t5_len",),
+                                          ("span", 0), ("span", 1), ("members", "json", 0),
+                                          ("members", "text.safetensors", 1), ("checksums", "json"), ("members",),
+                                          ("checksums",), ("span",)]))
+        target = entry
+        for p in path[:-1]:
+            target = target[p] if isinstance(target, (dict, list)) and (p in target if isinstance(target, dict)
+                                                                        else p < len(target)) else None
+        if isinstance(target, dict) or (isinstance(target, list) and path[-1] < len(target)):
+            target[path[-1]] = data.draw(VALUES)
+    prev_end = index["samples"][0]["span"][1]
+    fast_ok = _entry_ok(entry, 2, prev_end, index["tar_bytes"], {"s_0000_0000"}) >= 0
+    try:
+        _check_entry(_Checker("x"), 1, entry, 2, prev_end, index["tar_bytes"], {"s_0000_0000"})
+        detailed_ok = True
+    except BadIndex:
+        detailed_ok = False
+    assert fast_ok == detailed_ok, entry
