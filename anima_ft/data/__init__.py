@@ -1,5 +1,6 @@
-"""Pre-encoded webdataset shards (``shard_format``), ``anima-ft prepare`` (``prepare``), and the streaming
-target/replay mixer the trainer iterates (``MixedStream``)."""
+"""Pre-encoded webdataset shards (``shard_format``, index schema in ``index_schema``), ``anima-ft prepare``
+(``prepare``), ``anima-ft verify`` (``verify``), and the streaming target/replay mixer the trainer iterates
+(``MixedStream``)."""
 
 from anima_ft.data.mixer import MixedStream
 from anima_ft.data.shard_format import FORMAT_VERSION, EncodedSample, ShardWriter, make_fingerprint, read_index

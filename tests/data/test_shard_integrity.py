@@ -135,6 +135,15 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.samp
                    st.floats(allow_nan=True), st.text(max_size=20), st.lists(st.integers(0, 4096), max_size=3))
 
 
+def _child(node, key, missing=None):
+    """node[key] when node is a dict holding key or a list long enough for an int key, else ``missing``."""
+    if isinstance(node, dict) and key in node:
+        return node[key]
+    if isinstance(node, list) and isinstance(key, int) and key < len(node):
+        return node[key]
+    return missing
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fast_and_detailed_entry_checks_agree(shards, data):
@@ -149,9 +158,8 @@ def test_fast_and_detailed_entry_checks_agree(shards, data):
                                           ("checksums",), ("span",)]))
         target = entry
         for p in path[:-1]:
-            target = target[p] if isinstance(target, (dict, list)) and (p in target if isinstance(target, dict)
-                                                                        else p < len(target)) else None
-        if isinstance(target, dict) or (isinstance(target, list) and path[-1] < len(target)):
+            target = _child(target, p)
+        if _child(target, path[-1], missing=False) is not False:
             target[path[-1]] = data.draw(VALUES)
     prev_end = index["samples"][0]["span"][1]
     fast_ok = _entry_ok(entry, 2, prev_end, index["tar_bytes"], {"s_0000_0000"}) >= 0
