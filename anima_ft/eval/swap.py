@@ -23,8 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from anima_ft.command_errors import reports_input_errors
 from anima_ft.model.groups import is_ignored, strip_prefix
 
 logger = logging.getLogger(__name__)
@@ -37,19 +38,33 @@ def read_split(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, tor
     """``(dit, adapter)`` tensors of a checkpoint, by official name without prefix (derived buffers dropped).
 
     A file holding only adapter names without the ``llm_adapter.`` prefix (a separate adapter file) is accepted too.
+    A missing file is a FileNotFoundError, a malformed or truncated one a ValueError naming it.
     """
+    from anima_ft.model.state_dict import read_header
+
+    read_header(path)  # FileNotFoundError / ValueError naming the file for a missing, malformed or truncated one
     dit, adapter = {}, {}
-    with safe_open(str(path), framework="pt") as f:
-        for raw in f.keys():
-            name = strip_prefix(raw)
-            if is_ignored(name):
-                continue
-            (adapter if name.startswith(ADAPTER_PREFIX) else dit)[name] = f.get_tensor(raw)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for raw in f.keys():
+                name = strip_prefix(raw)
+                if is_ignored(name):
+                    continue
+                (adapter if name.startswith(ADAPTER_PREFIX) else dit)[name] = f.get_tensor(raw)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"could not read tensors from {path}: {exc}") from exc
     if not dit and not adapter:
         raise ValueError(f"{path} holds no Anima tensors")
     if adapter == {} and dit and not any(n.startswith(("blocks.", "x_embedder.")) for n in dit):
         adapter, dit = {ADAPTER_PREFIX + n: t for n, t in dit.items()}, {}  # a bare adapter file
     return dit, adapter
+
+
+def _shapes_and_dtypes(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``({name: shape}, {name: safetensors dtype name})``, what ``infer_config`` checks."""
+    from anima_ft.model.state_dict import dtype_name
+
+    return {n: tuple(t.shape) for n, t in tensors.items()}, {n: dtype_name(t.dtype) for n, t in tensors.items()}
 
 
 def init_adapter(dit_tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor] | None,
@@ -61,9 +76,8 @@ def init_adapter(dit_tensors: Mapping[str, torch.Tensor], like: Mapping[str, tor
     """
     from anima_ft.model import build_anima, infer_config
 
-    shapes = {n: tuple(t.shape) for n, t in dit_tensors.items()}
-    shapes.update({n: tuple(t.shape) for n, t in (like or {}).items()})
-    cfg = infer_config(shapes)
+    tensors = {**dit_tensors, **(like or {})}
+    cfg = infer_config(*_shapes_and_dtypes(tensors), where="--dit checkpoint (+ its adapter)")
     if cfg.adapter is None:
         from anima_ft.model import AdapterConfig
 
@@ -93,6 +107,9 @@ def compose(dit_path: str | Path, adapter_path: str | Path | None, out_path: str
     if width is not None and out_w is not None and out_w.shape[0] != width:
         raise ValueError(f"adapter output width {out_w.shape[0]} ({source}) does not match the DiT's context width "
                          f"{width} ({dit_path}); both must come from the same architecture")
+    from anima_ft.model import infer_config
+
+    infer_config(*_shapes_and_dtypes({**dit, **adapter}), where=f"--dit {dit_path} with --adapter {source}")
     tensors = {OFFICIAL_PREFIX + n: t.contiguous() for n, t in {**dit, **adapter}.items()}
     meta = {"anima_ft.swap.dit": str(dit_path), "anima_ft.swap.adapter": source, "format": "pt"}
     save_state_dict_atomic(tensors, out_path, meta)
@@ -107,7 +124,7 @@ def load_combination(dit_path: str | Path, adapter_path: str | Path, device="cpu
     dit, _ = read_split(dit_path)
     _, adapter = read_split(adapter_path)
     state = {**dit, **adapter}
-    cfg = infer_config({n: tuple(t.shape) for n, t in state.items()})
+    cfg = infer_config(*_shapes_and_dtypes(state), where=f"DiT of {dit_path} with the adapter of {adapter_path}")
     model = build_anima(cfg, device="meta")
     if dtype is not None:
         state = {n: t.to(dtype) for n, t in state.items()}
@@ -159,6 +176,7 @@ def run_attribution(a_path: str | Path, b_path: str | Path, eval_sets, sigmas, n
     return losses, per_set
 
 
+@reports_input_errors("anima-ft swap")
 def main(argv: list[str]) -> int:
     """``anima-ft swap --dit A --adapter B|init OUT`` or ``anima-ft swap --attribute A B --eval-set NAME=PATH``."""
     from anima_ft.eval.probe_cli import add_probe_args, eval_sets_from_args, resolve_dtype

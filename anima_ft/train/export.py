@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
+
+from anima_ft.command_errors import reports_input_errors
 
 logger = logging.getLogger(__name__)
 EMA_KEY = "ema"  # the optimizer-state entry that holds the EMA (engine.update_ema writes it, state_view reads it)
@@ -30,27 +35,106 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
         if tag is not None and (root / tag / "trainer.json").is_file():
             return root / tag
         if tag is None and (root / "latest").is_file():
-            ckpt = root / (root / "latest").read_text().strip()
+            ckpt = root / _read_text(root / "latest").strip()
             if (ckpt / "trainer.json").is_file():
                 return ckpt
     what = f"checkpoint {tag!r}" if tag else "complete checkpoint (trainer.json) or 'latest' file"
     raise ValueError(f"{path}: found no {what}; pass a run directory, its checkpoints/ directory or a step_* directory")
 
 
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; FileNotFoundError / ValueError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path} is missing") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as text ({exc}); the file is damaged") from exc
+
+
+def read_trainer_json(ckpt: Path) -> dict:
+    """``ckpt/trainer.json``, checked: a JSON object with ``model_config`` (object), ``step`` and ``samples_seen``
+    (integers >= 0) and, if present, ``train_config`` (string). Anything else is a ValueError naming the file."""
+    path = ckpt / "trainer.json"
+    fix = "the checkpoint is damaged; export another step_* directory (--tag) or re-save it from a run"
+    try:
+        state = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a JSON {type(state).__name__}, not an object; {fix}")
+    if not isinstance(state.get("model_config"), dict):
+        raise ValueError(f"{path} has no model_config object; it was not written by anima_ft's trainer, or {fix}")
+    for key in ("step", "samples_seen"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{path}: {key!r} is {value!r}, expected an integer >= 0; {fix}")
+    if not isinstance(state.get("train_config", ""), str):
+        raise ValueError(f"{path}: 'train_config' must be the resolved config as a YAML string; {fix}")
+    return state
+
+
+_SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
+
+
+def _check_archive(path: Path) -> None:
+    """A ``torch.save`` file is a zip archive whose directory sits at its end: a truncated one has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"{path} is truncated or corrupt ({exc}); the checkpoint is damaged: export another "
+                         "step_* directory (--tag)") from exc
+
+
+def check_shard_files(ckpt: Path, world_size: int | None) -> None:
+    """Every DeepSpeed shard of ``ckpt`` is present and complete, before DeepSpeed's reader opens any of them.
+
+    Needs one ``*_optim_states.pt`` per saving rank (``world_size`` from trainer.json), and the model states: one
+    ``mp_rank_00_model_states.pt`` (ZeRO-1/2) or one ``zero_pp_rank_R_..._model_states.pt`` per rank (ZeRO-3).
+    A missing file is a FileNotFoundError naming it; a truncated one (no zip directory) a ValueError naming it.
+    """
+    optim = sorted(ckpt.glob("*_optim_states.pt"))
+    if not optim:
+        raise FileNotFoundError(f"{ckpt} holds no *_optim_states.pt shard files; the checkpoint is incomplete")
+    per_rank_model = sorted(f for f in ckpt.glob("*_model_states.pt") if _SHARD_RANK.search(f.name))
+    model = [ckpt / "mp_rank_00_model_states.pt"] if not per_rank_model else per_rank_model
+    if world_size is not None:
+        for files, kind in ((optim, "optim"), (per_rank_model, "model")):
+            matches = [m for f in files if (m := _SHARD_RANK.search(f.name))]
+            if not matches:
+                continue
+            prefix = files[0].name[: matches[0].start()]  # e.g. "bf16_" for DeepSpeed's bf16 optimizer
+            lost = sorted(set(range(world_size)) - {int(m.group(1)) for m in matches})
+            if lost:
+                names = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in lost]
+                raise FileNotFoundError(f"{ckpt} lacks {', '.join(names)} (saved by {world_size} ranks); the "
+                                        "checkpoint is incomplete: export another step_* directory (--tag)")
+    for path in (*optim, *model):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; the checkpoint is incomplete")
+        _check_archive(path)
+
+
 def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 ``{name: tensor}`` (internal names, no ``net.``) assembled on CPU from the ZeRO shards."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    # ZeRO-1 checkpoints carry no frozen-parameter fragments; frozen weights are exact in the module state instead
-    model_states = ckpt / "mp_rank_00_model_states.pt"
-    if model_states.is_file():
-        module = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
-        for name, tensor in module.items():
-            name = name.removeprefix("module.")
-            if name not in sd and tensor.numel() > 0:
-                sd[name] = tensor.float()
+    try:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        # ZeRO-1 checkpoints carry no frozen-parameter fragments; frozen weights are exact in the module state instead
+        model_states = ckpt / "mp_rank_00_model_states.pt"
+        if model_states.is_file():
+            module = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+            for name, tensor in module.items():
+                name = name.removeprefix("module.")
+                if name not in sd and tensor.numel() > 0:
+                    sd[name] = tensor.float()
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        # torch.load reports a damaged archive as RuntimeError; DeepSpeed's reader a missing entry as KeyError
+        raise ValueError(f"{ckpt}: the ZeRO shards cannot be read ({type(exc).__name__}: {exc}); the checkpoint is "
+                         "damaged: export another step_* directory (--tag)") from exc
     return sd
 
 
@@ -92,21 +176,27 @@ def state_view(ckpt: Path, into: Path, key: str) -> Path:
 def export_checkpoint(ckpt: Path, out: Path, ema: bool = False) -> Path:
     """Write ``out`` (official bf16 single file) from the checkpoint ``ckpt`` (its EMA with ``ema``)."""
     from anima_ft.model import AnimaConfig, build_anima, save_anima
+    from anima_ft.model.config import check_layout
+    from anima_ft.model.state_dict import dtype_name
 
-    state = json.loads((ckpt / "trainer.json").read_text())
-    if "model_config" not in state:
-        raise ValueError(f"{ckpt}/trainer.json has no model_config; it was not written by anima_ft's trainer")
-    model = build_anima(AnimaConfig.from_dict(state["model_config"]), device="meta")
+    state = read_trainer_json(ckpt)
+    try:
+        cfg = AnimaConfig.from_dict(state["model_config"])
+        cfg.validate()
+    except ValueError as exc:
+        raise ValueError(f"{ckpt / 'trainer.json'}: model_config is invalid ({exc})") from exc
+    world_size = state.get("world_size")
+    check_shard_files(ckpt, world_size if isinstance(world_size, int) and world_size > 0 else None)
+    model = build_anima(cfg, device="meta")
     if ema:
         with tempfile.TemporaryDirectory() as tmp:
             sd = fp32_state_dict(ema_view(ckpt, Path(tmp)))
     else:
         sd = fp32_state_dict(ckpt)
-    expected = dict(model.state_dict())
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{ckpt}: shard tensors do not match the model: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}")
+    shapes, dtypes = {k: tuple(v.shape) for k, v in sd.items()}, {k: dtype_name(v.dtype) for k, v in sd.items()}
+    report = check_layout(cfg, shapes, dtypes)
+    if report:
+        raise ValueError(f"{ckpt}: the shard tensors do not match trainer.json's model_config: {report.message()}")
     model.load_state_dict(sd, strict=True, assign=True)
     meta = {"anima_ft.step": str(state["step"]), "anima_ft.samples_seen": str(state["samples_seen"]),
             "anima_ft.weights": "ema" if ema else "trained"}
@@ -117,8 +207,12 @@ def export_checkpoint(ckpt: Path, out: Path, ema: bool = False) -> Path:
     return Path(out)
 
 
+@reports_input_errors("anima-ft export")
 def main(argv: list[str]) -> int:
-    """Command line: ``anima-ft export RUN_OR_CHECKPOINT OUT.safetensors [--tag step_00001000]``."""
+    """Command line: ``anima-ft export RUN_OR_CHECKPOINT OUT.safetensors [--tag step_00001000]``.
+
+    Exit 0 on success; 2 with one line on stderr for a missing or damaged checkpoint (the line names the file).
+    """
     parser = argparse.ArgumentParser(prog="anima-ft export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="run directory, its checkpoints/ directory, or one step_* checkpoint")
@@ -127,10 +221,5 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (a run with ema.decay > 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        ckpt = resolve_checkpoint(args.source, args.tag)
-        export_checkpoint(ckpt, args.out, ema=args.ema)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
+    export_checkpoint(resolve_checkpoint(args.source, args.tag), args.out, ema=args.ema)
     return 0

@@ -26,8 +26,15 @@ CFG = AnimaConfig(model_channels=64, num_blocks=2, num_heads=4, crossattn_emb_ch
                   adapter=AdapterConfig(source_dim=24, model_dim=32, num_layers=2, num_heads=2, mlp_hidden=128,
                                         vocab_size=96))
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
-FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_SETTINGS = dict(deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(max_examples=50, **_SETTINGS)
+FUZZ_MANY = settings(max_examples=1000, **_SETTINGS)
+
+
+def fuzz_tests(body, **strategies):
+    """The property ``body`` as a default-suite test (50 cases) and a slow one (1000 cases), both seeded."""
+    return FUZZ(given(**strategies)(body)), pytest.mark.slow(FUZZ_MANY(given(**strategies)(body)))
 
 
 def _pristine() -> dict[str, torch.Tensor]:
@@ -45,7 +52,7 @@ METADATA = {CONFIG_METADATA_KEY: json.dumps(CFG.to_dict()), "format": "pt"}
 
 
 def named(message: str) -> set[str]:
-    """The pristine tensor names that ``message`` mentions (whole names: ``blocks.0.x`` is not in ``llm_adapter.blocks.0.x``)."""
+    """The pristine tensor names in ``message``, as whole names (``llm_adapter.blocks.0.x`` is no ``blocks.0.x``)."""
     return {n for n in NAMES if re.search(rf"(?<![\w.]){re.escape(n)}(?![\w.])", message)}
 
 
@@ -136,7 +143,8 @@ def test_from_dict_names_bad_keys_and_types():
                      (dict(d, bogus=1), "bogus"), (dict(d, rope_extrapolation=[1, 2]), "rope_extrapolation")):
         with pytest.raises(ValueError, match=re.escape(key)):
             AnimaConfig.from_dict(bad)
-    for bad, key in ((dict(d, num_heads=0), "num_heads"), (dict(d, eps=-1.0), "eps"), (dict(d, mlp_ratio=0.001), "mlp")):
+    for bad, key in ((dict(d, num_heads=0), "num_heads"), (dict(d, eps=-1.0), "eps"),
+                     (dict(d, mlp_ratio=0.001), "mlp")):
         with pytest.raises(ValueError, match=key):
             AnimaConfig.from_dict(bad).validate()
 
@@ -206,9 +214,7 @@ def votes_survive(plan) -> bool:
             and any(n.startswith(f"llm_adapter.blocks.{CFG.adapter.num_layers - 1}.") for n in kept))
 
 
-@FUZZ
-@given(plan=tensor_damage())
-def test_fuzz_tensor_damage_with_stored_config_names_exactly_the_damaged_set(tmp_path, plan):
+def _fuzz_damage_with_stored_config(tmp_path, plan):
     path = tmp_path / "damaged.safetensors"
     write(path, apply_damage(plan), METADATA)
     with pytest.raises(ValueError) as err:
@@ -217,9 +223,11 @@ def test_fuzz_tensor_damage_with_stored_config_names_exactly_the_damaged_set(tmp
     assert str(path) in str(err.value)
 
 
-@FUZZ
-@given(plan=tensor_damage())
-def test_fuzz_tensor_damage_without_stored_config(tmp_path, plan):
+test_fuzz_damage_with_stored_config, test_fuzz_damage_with_stored_config_many = fuzz_tests(
+    _fuzz_damage_with_stored_config, plan=tensor_damage())
+
+
+def _fuzz_damage_without_stored_config(tmp_path, plan):
     path = tmp_path / "damaged.safetensors"
     damaged = apply_damage(plan)
     write(path, damaged)
@@ -235,6 +243,10 @@ def test_fuzz_tensor_damage_without_stored_config(tmp_path, plan):
     assert not votes_survive(plan) and model.cfg != CFG
     sd = model.state_dict()
     assert sd.keys() == damaged.keys() and all(torch.equal(sd[k], damaged[k]) for k in damaged)
+
+
+test_fuzz_damage_without_stored_config, test_fuzz_damage_without_stored_config_many = fuzz_tests(
+    _fuzz_damage_without_stored_config, plan=tensor_damage())
 
 
 # --- fuzz: metadata config edits -----------------------------------------------------------------------------------
@@ -266,9 +278,7 @@ def metadata_edit(draw):
     return field, d
 
 
-@FUZZ
-@given(edit=metadata_edit())
-def test_fuzz_metadata_config_edits_name_the_field(tmp_path, edit):
+def _fuzz_metadata_edits(tmp_path, edit):
     field, d = edit
     path = tmp_path / "edited.safetensors"
     write(path, PRISTINE, {CONFIG_METADATA_KEY: json.dumps(d)})
@@ -279,6 +289,10 @@ def test_fuzz_metadata_config_edits_name_the_field(tmp_path, edit):
     listed = set(re.findall(r"([\w.]+) \(metadata ", msg))
     if listed:  # a valid config that disagrees with the tensors: exactly the edited field is listed
         assert listed == {field}, msg
+
+
+test_fuzz_metadata_edits, test_fuzz_metadata_edits_many = fuzz_tests(
+    _fuzz_metadata_edits, edit=metadata_edit())
 
 
 @pytest.mark.parametrize("edit", [{"eps": 1e-5}, {"context_tokens": 77}, {"rope_extrapolation": [1.0, 2.0, 2.0]}])
@@ -315,9 +329,7 @@ def _load_or_value_error(path):
         return None
 
 
-@FUZZ
-@given(data=st.data())
-def test_fuzz_header_bytes(tmp_path, saved_bytes, data):
+def _fuzz_header_bytes(tmp_path, saved_bytes, data):
     header_end = 8 + int.from_bytes(saved_bytes[:8], "little")
     raw = bytearray(saved_bytes)
     for _ in range(data.draw(st.integers(1, 4))):
@@ -330,15 +342,21 @@ def test_fuzz_header_bytes(tmp_path, saved_bytes, data):
         assert expected_shapes(model.cfg) == expected_shapes(CFG)
 
 
-@FUZZ
-@given(data=st.data())
-def test_fuzz_truncated_or_extended(tmp_path, saved_bytes, data):
+test_fuzz_header_bytes, test_fuzz_header_bytes_many = fuzz_tests(
+    _fuzz_header_bytes, data=st.data())
+
+
+def _fuzz_truncated_or_extended(tmp_path, saved_bytes, data):
     path = tmp_path / "cut.safetensors"
     if data.draw(st.booleans()):
         path.write_bytes(saved_bytes[: data.draw(st.integers(0, len(saved_bytes) - 1))])
     else:
         path.write_bytes(saved_bytes + bytes(data.draw(st.integers(1, 64))))
     assert _load_or_value_error(path) is None
+
+
+test_fuzz_truncated_or_extended, test_fuzz_truncated_or_extended_many = fuzz_tests(
+    _fuzz_truncated_or_extended, data=st.data())
 
 
 def test_missing_file_and_separate_adapter_file(tmp_path):
@@ -354,3 +372,36 @@ def test_missing_file_and_separate_adapter_file(tmp_path):
     with pytest.raises(ValueError) as err:
         load_anima(tmp_path / "dit.safetensors", adapter_path=tmp_path / "adapter.safetensors")
     assert named(str(err.value)) == {"llm_adapter.blocks.1.mlp.2.bias"} and "adapter.safetensors" in str(err.value)
+
+
+# --- the commands that read model files: one stderr line, exit 2 ---------------------------------------------------
+
+
+def test_reports_input_errors_folds_to_one_line_and_keeps_other_errors(capsys):
+    from anima_ft.command_errors import reports_input_errors
+
+    @reports_input_errors("anima-ft demo")
+    def main(argv):
+        raise {"value": ValueError("bad\nvalue  x"), "missing": FileNotFoundError("f.st"), "bug": KeyError}[argv[0]]
+
+    assert main(["value"]) == 2 and capsys.readouterr().err == "anima-ft demo: error: bad value x\n"
+    assert main(["missing"]) == 2 and capsys.readouterr().err == "anima-ft demo: error: f.st\n"
+    with pytest.raises(KeyError):
+        main(["bug"])
+
+
+def test_swap_command_on_damaged_files(tmp_path, saved_bytes, capsys):
+    from anima_ft import cli
+
+    good, cut, ints = (tmp_path / f"{n}.safetensors" for n in ("good", "cut", "ints"))
+    good.write_bytes(saved_bytes)
+    cut.write_bytes(saved_bytes[: len(saved_bytes) // 2])
+    write(ints, dict(PRISTINE, **{"blocks.0.mlp.layer1.weight": PRISTINE["blocks.0.mlp.layer1.weight"].to(torch.int8)}))
+    out = tmp_path / "out.safetensors"
+    for args, named_thing in ((["--dit", cut, "--adapter", good], cut), (["--dit", good, "--adapter", cut], cut),
+                              (["--dit", ints, "--adapter", good], "blocks.0.mlp.layer1.weight"),
+                              (["--dit", tmp_path / "nope.st", "--adapter", "init"], "nope.st")):
+        assert cli.main(["swap", *map(str, args), str(out)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("anima-ft swap: error: ") and str(named_thing) in lines[0]
+        assert not out.exists()
