@@ -144,7 +144,7 @@ def _child(node, key, missing=None):
     return missing
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fast_and_detailed_entry_checks_agree(shards, data):
     """The index check's fast path (no strings built) accepts exactly what the field-naming path accepts."""
