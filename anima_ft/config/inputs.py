@@ -1,111 +1,38 @@
-"""Checks of the files a config names, run by ``validate`` before any rank works.
+"""Checks of the paths a config names, run by ``validate`` before any rank works (standard library only: the config
+layer imports nothing above it, see docs/architecture.md).
 
-* ``model.init_path`` / ``model.adapter_path``: exist and hold a readable safetensors header of an Anima model;
-* ``data.sources.*.shards`` and ``eval.sets.*.path``: every pattern finds shards;
-* the model agrees with the data: its latent channels (``in_channels``) equal the shards' latent channels and its
-  adapter's source width equals the shards' Qwen width (``qwen_dim`` of the first shard's index).
+* ``model.init_path`` / ``model.adapter_path``: exist as files;
+* ``data.sources.*.shards`` items and ``eval.sets.*.path``: each names something on disk (a file, a directory, or a
+  glob that matches at least one path); an empty pattern is an error.
 
-Only headers and indexes are read (milliseconds, also for a 4 GB checkpoint). The model and data packages are imported
-inside the functions: the config package itself stays free of torch.
+Whether those files hold what the run needs (a safetensors header of an Anima model, shard indexes whose latents and
+Qwen width fit the model) needs the model and data packages, so it is checked above this layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import glob
 from pathlib import Path
 
 from .schema import Config
 
-SYNTHETIC_LATENT_CHANNELS = 16  # anima_ft.train.batches.SyntheticStream makes 16-channel latents, like the VAE
-SYNTHETIC_QWEN_DIM = None  # the synthetic stream takes its Qwen width from the model
+
+def _check_pattern(key: str, pattern: str) -> None:
+    if not str(pattern).strip():
+        raise ValueError(f"{key}={pattern!r} is empty; give a shard directory, glob or .tar path")
+    if not (Path(pattern).exists() or glob.glob(str(pattern))):
+        raise ValueError(f"{key}={pattern!r} matches nothing on disk; give a directory, glob or .tar path of shards "
+                         "written by `anima-ft prepare`")
 
 
-@dataclass
-class ModelShapes:
-    """What the data must match: latent channels of the patch embedder, Qwen width of the adapter (None = no adapter)."""
-
-    in_channels: int
-    qwen_dim: int | None
-    where: str
-
-
-def _header(key: str, path: str) -> dict[str, tuple[str, list[int]]]:
-    from anima_ft.model.state_dict import read_safetensors_header
-
-    if not Path(path).is_file():
-        raise ValueError(f"{key}={path!r} does not exist; give the official Anima safetensors path")
-    try:
-        return read_safetensors_header(path)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{key}={path!r} is not a readable safetensors file ({exc}); give the official Anima "
-                         ".safetensors file") from None
-
-
-def model_shapes(cfg: Config) -> ModelShapes:
-    """The model's latent channels and adapter source width, from the init file header or the ``model.size`` preset."""
-    from anima_ft.model.config import AnimaConfig, infer_config
-    from anima_ft.model.state_dict import is_derived_buffer, strip_prefix
-
-    m = cfg.model
-    if not m.init_path:
-        preset = AnimaConfig.tiny() if m.size == "tiny" else AnimaConfig()
-        return ModelShapes(preset.in_channels, preset.adapter.source_dim if preset.adapter else None,
-                           f"model.size={m.size}")
-    shapes = {strip_prefix(k): v[1] for k, v in _header("model.init_path", m.init_path).items()}
-    if m.adapter_path:
-        for k, v in _header("model.adapter_path", m.adapter_path).items():
-            name = strip_prefix(k)
-            shapes[name if name.startswith("llm_adapter.") else "llm_adapter." + name] = v[1]
-    shapes = {k: v for k, v in shapes.items() if not is_derived_buffer(k)}
-    try:
-        acfg = infer_config(shapes)
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"model.init_path={m.init_path!r} does not hold an Anima model ({exc}); give the official "
-                         "Anima safetensors file") from None
-    return ModelShapes(acfg.in_channels, acfg.adapter.source_dim if acfg.adapter else None,
-                       f"model.init_path={m.init_path!r}")
-
-
-def _shards(key: str, name: str, patterns: list[str]) -> list[Path]:
-    from anima_ft.data.sources import SourceSpec, discover_shards
-
-    found: list[Path] = []
-    for j, pattern in enumerate(patterns):
-        if not str(pattern).strip():
-            raise ValueError(f"{key}.{j}={pattern!r} is empty; give a shard directory, glob or .tar path")
-        try:
-            found += discover_shards(SourceSpec(name, [str(pattern)]))
-        except ValueError:
-            raise ValueError(f"{key}.{j}={pattern!r} matches no .tar shards; give a directory, glob or .tar path "
-                             "written by `anima-ft prepare`") from None
-    return found
-
-
-def check_inputs(cfg: Config) -> None:
-    """Raise ValueError naming the key for a missing/unreadable file or a model that does not fit the data."""
-    model = model_shapes(cfg)
-    first: tuple[str, Path] | None = None
+def check_paths(cfg: Config) -> None:
+    """Raise ValueError naming the key for a model file that does not exist or a shard pattern that matches nothing."""
+    for key in ("init_path", "adapter_path"):
+        p = getattr(cfg.model, key)
+        if p and not Path(p).is_file():
+            raise ValueError(f"model.{key}={p!r} does not exist; give the official Anima safetensors path")
     for i, s in enumerate(cfg.data.sources):
-        shards = _shards(f"data.sources.{i}.shards", s.name, list(s.shards))
-        first = first or (f"data.sources.{i}.shards", shards[0])
+        for j, pattern in enumerate(s.shards):
+            _check_pattern(f"data.sources.{i}.shards.{j}", pattern)
     for i, s in enumerate(cfg.eval.sets):
-        _shards(f"eval.sets.{i}.path", s.name, [s.path])
-    if first is None:
-        data_channels, data_qwen, data_where = SYNTHETIC_LATENT_CHANNELS, SYNTHETIC_QWEN_DIM, "the synthetic data"
-    else:
-        from anima_ft.data.shard_format import LATENT_CHANNELS, read_index
-
-        key, shard = first
-        try:
-            index = read_index(shard)
-        except ValueError as exc:
-            raise ValueError(f"{key}: {exc}") from None
-        # the shard format (version checked by read_index) fixes LATENT_CHANNELS-channel latents; the reader enforces it
-        data_channels, data_qwen, data_where = LATENT_CHANNELS, index.get("qwen_dim"), f"shard {shard} ({key})"
-    if model.in_channels != data_channels:
-        raise ValueError(f"{model.where}: the model takes {model.in_channels} latent channels but {data_where} has "
-                         f"{data_channels}; use a checkpoint made for {data_channels}-channel latents or re-encode the "
-                         "data with the matching VAE")
-    if data_qwen is not None and model.qwen_dim is not None and model.qwen_dim != data_qwen:
-        raise ValueError(f"{model.where}: the LLM adapter reads {model.qwen_dim}-wide Qwen states but {data_where} "
-                         f"holds {data_qwen}-wide ones; encode the data with the text encoder the model was made for")
+        _check_pattern(f"eval.sets.{i}.path", s.path)

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from anima_ft.distill.config import DistillConfig
-
+from .distill import DistillConfig
 from .fields import SEED_MAX, bounded, one_of, seed_field
 
 PARAM_GROUPS = ("base", "self_attn", "cross_attn", "mlp", "mod", "llm_adapter")

@@ -6,8 +6,9 @@ import importlib.util
 from pathlib import Path
 
 from .deepspeed_json import check_overrides
+from .distill import validate_distill
 from .fields import check_fields
-from .inputs import check_inputs
+from .inputs import check_paths
 from .schema import PARAM_GROUPS, Config
 
 
@@ -35,9 +36,9 @@ def validate(cfg: Config, world_size: int, check_files: bool = True) -> None:
     """Raise ValueError naming the first bad field (dotted key), its value and how to fix it.
 
     Order: every field against its own rule (finite numbers, ranges, choices: ``fields.py``), then the cross-field
-    rules below, then the DeepSpeed overrides against the batch arithmetic, then (``check_files``) the files the
-    config names and whether the model fits the data (``inputs.py``). ``check_files=False`` is for checking recipes
-    on a machine without their weights and shards.
+    rules below, then the DeepSpeed overrides against the batch arithmetic, then (``check_files``) the paths the
+    config names (``inputs.py``). ``check_files=False`` is for checking recipes on a machine without their weights
+    and shards.
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
@@ -109,12 +110,10 @@ def validate(cfg: Config, world_size: int, check_files: bool = True) -> None:
                          "always written; `anima-ft plot RUN` draws it)")
     _validate_eval(cfg)
     if cfg.distill.enabled:
-        from anima_ft.distill.config import validate_distill
-
         validate_distill(cfg.distill, max(1, len(cfg.stages)))
     check_overrides(cfg, world_size)
     if check_files:
-        check_inputs(cfg)
+        check_paths(cfg)
 
 
 def _validate_eval(cfg: Config) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY
+from config_helpers import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

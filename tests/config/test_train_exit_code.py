@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from config_helpers import REPO
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path):
