@@ -10,12 +10,12 @@ checkpoints. The diagnostics also run once at step 0, before the first update (t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,16 +48,32 @@ from .engine import (
     transition,
     update_ema,
 )
+from .fault_injection import instrument
 from .objective import build_objective, noise_generator
 from .param_groups import numel
 from .reshard import engine_config, load_universal, prepare_universal
 from .stages import build_stages, source_weights, stage_at, total_steps
 
 logger = logging.getLogger(__name__)
-PREEMPTED = "preempted"
+DONE, PREEMPTED, BUDGET_STOP = "done", "preempted", "budget_stop"  # what Trainer.train returns
 COUNTERS = ("step", "samples_seen", "tokens_seen", "nonfinite_total", "nonfinite_in_row")
-FAULT_ENV = "ANIMA_FT_FAULT"  # test-only fault injection, see Trainer._fault
-TRACE_ENV = "ANIMA_FT_TRACE_KEYS"  # test-only sample-key log, see Trainer._trace
+_SLOT_STOP, _SLOT_TIMED_SAVE = -2, -1  # the step's two control votes, packed after the loss sums for one all-reduce
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports to the logging and the checkpoint/stop policy (the same on every rank)."""
+
+    step: int  # the step just taken, 1-based
+    stage: object  # the Stage it ran in
+    lrs: dict  # peak-scaled LR per group
+    sums: torch.Tensor  # [2 * num_sources] float64: loss sum per source, then sample count per source
+    tokens: int  # tokens this rank processed
+    samples: int  # samples over all ranks
+    skipped: bool  # non-finite loss or gradients: the update was skipped
+    stop_signal: bool  # some rank received SIGTERM / SIGUSR1
+    timed_save: bool  # checkpoint.every_minutes elapsed on rank 0's clock
+    eval_metrics: dict  # diagnostics measured at this step ({} when none ran)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -189,31 +205,6 @@ class Trainer:
         self._last_save = time.monotonic()
         return path
 
-    def _fault(self, step: int, batch: dict) -> None:
-        """Test-only fault injection from ``ANIMA_FT_FAULT``: ``kill:STEP:RANK`` (SIGKILL), ``signal:STEP:RANK``
-        (SIGUSR1, a preemption notice) or ``nan:FIRST[-LAST]`` (NaN latents on every rank); STEP is 0-based."""
-        spec = os.environ.get(FAULT_ENV, "")
-        if not spec:
-            return
-        kind, at, *rest = spec.split(":")
-        first, _, last = at.partition("-")
-        if not int(first) <= step <= int(last or first):
-            return
-        if kind == "kill" and int(rest[0]) == self.env.rank:
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif kind == "signal" and int(rest[0]) == self.env.rank:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        elif kind == "nan":
-            batch["latents"] = batch["latents"] * float("nan")
-
-    def _trace(self, step: int, index: int, batch: dict) -> None:
-        """Test-only: with ``ANIMA_FT_TRACE_KEYS=DIR`` append ``{step, index, keys}`` of each micro-batch (``index``
-        = its place j in the global batch) to ``DIR/rank_XXXXX.jsonl``, to check the global sample sequence."""
-        trace_dir = os.environ.get(TRACE_ENV, "")
-        if trace_dir:
-            with open(Path(trace_dir) / f"rank_{self.env.rank:05d}.jsonl", "a") as f:
-                f.write(json.dumps({"step": step + 1, "index": index, "keys": list(batch["key"])}) + "\n")
-
     def _tokens_per_sample(self, batch: dict) -> int:
         h, w = batch["latents"].shape[-2:]
         p = self.model_cfg.patch_spatial
@@ -242,113 +233,140 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self) -> str:
-        """Run to the last step; returns ``"done"`` or ``"preempted"`` (after saving, on SIGTERM / SIGUSR1)."""
+        """Run to the last step; returns ``DONE``, ``PREEMPTED`` (after saving, on SIGTERM / SIGUSR1) or
+        ``BUDGET_STOP`` (the forgetting budget was exceeded; saved)."""
         cfg, env = self.cfg, self.env
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        accum, n_src = cfg.batch.grad_accum_steps, len(self.sources)
         bar = None
         if env.rank == 0 and cfg.logging.progress_bar:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total, initial=self.state["step"], desc="train", dynamic_ncols=True)
-        it = iter(self.stream)
-        t_last, samples_last = time.perf_counter(), self.state["samples_seen"]
-        if self.state["step"] == 0 and self.eval_hooks is not None:
-            self.metrics.log(0, self.eval_hooks(0, self.engine))  # step-0 baseline, before any update
-        while self.state["step"] < self.total:
-            step = self.state["step"]
-            stage = stage_at(self.stages, step)
-            if stage.index != self.stage.index:
-                transition(self, self.model, cfg, self.stage, stage, self.ds_config)  # replaces self.engine
-                self.stage = stage
-                self.objective.set_stage(stage.index)
-                if self.base_weights:
-                    self.stream.set_weights(source_weights(stage, self.base_weights))
-            lrs = stage.lrs(step)
-            if self.eval_hooks is not None and self.eval_hooks.lr_scale != 1.0:  # forgetting budget lowered the LR
-                lrs = {g: v * self.eval_hooks.lr_scale for g, v in lrs.items()}
-            set_lrs(self.engine, lrs)
-            skipped_before = self.engine.skipped_steps
-            # on device: [loss sum per source, sample count per source, stop signal, timed-save vote]
-            sums = torch.zeros(2 * n_src + 2, dtype=torch.float64, device=env.device)
-            tokens = 0
-            for micro in range(accum):
-                batch = next(it)
-                self._fault(step, batch)
-                index = micro * env.world_size + env.rank  # the micro-batch's place j in the global batch
-                self._trace(step, index, batch)
-                gen = noise_generator(cfg.run.seed, step, index)
-                out = self.objective(self.engine, batch, gen)
-                self.engine.backward(out.loss)
-                self.engine.step()
-                src = batch["source_id"].to(env.device)
-                sums[:n_src].index_add_(0, src, out.per_sample.double())
-                sums[n_src:2 * n_src].index_add_(0, src, torch.ones_like(src, dtype=torch.float64))
-                tokens += self._tokens_per_sample(batch) * len(src)
-            sums[-2] = float(self._stop_signal)
-            due = cfg.checkpoint.every_minutes > 0 and time.monotonic() - self._last_save > 60 * cfg.checkpoint.every_minutes
-            sums[-1] = float(due and env.rank == 0)
-            dist.all_reduce(sums)
-            sums = sums.cpu()  # the one host sync per step: every rank must agree on skip / save / stop
-            self.state["step"] = step = step + 1
-            n_samples = int(sums[n_src:2 * n_src].sum().item())
-            self.state["samples_seen"] += n_samples
-            self.state["tokens_seen"] += tokens * env.world_size
-            loss = float(sums[:n_src].sum() / max(1, n_samples))
-            skipped = self.engine.skipped_steps != skipped_before or not torch.isfinite(torch.tensor(loss))
-            if cfg.ema.decay > 0 and self.engine.skipped_steps == skipped_before:
-                update_ema(self.engine, cfg.ema.decay)
-            if skipped:
-                self.state["nonfinite_total"] += 1
-                self.state["nonfinite_in_row"] += 1
-                logger.warning("step %d: non-finite loss/gradients (%s); update skipped (%d in a row)", step, loss,
-                               self.state["nonfinite_in_row"])
-            else:
-                self.state["nonfinite_in_row"] = 0
-            eval_metrics = self.eval_hooks(step, self.engine) if self.eval_hooks is not None else {}
-            if step % cfg.logging.every_steps == 0 or step == self.total or skipped or eval_metrics:
-                now = time.perf_counter()
-                rate = (self.state["samples_seen"] - samples_last) / max(now - t_last, 1e-9)
-                row = self._metrics_row(stage.index, lrs, sums, rate, tokens / max(1, n_samples // env.world_size))
-                row.update(eval_metrics)
-                self.metrics.log(step, row)
-                t_last, samples_last = now, self.state["samples_seen"]
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", stage=stage.name)
-            if bar is not None:
-                bar.update(1)
-            if self.state["nonfinite_in_row"] >= cfg.optim.max_nonfinite_in_row:
-                self.save()
-                raise NonFiniteLossError(
-                    f"{self.state['nonfinite_in_row']} non-finite losses in a row at step {step} (limit "
-                    f"optim.max_nonfinite_in_row={cfg.optim.max_nonfinite_in_row}); saved a checkpoint and stopped. "
-                    f"Lower the learning rate or inspect the data around samples_seen={self.state['samples_seen']}")
+        batches = instrument(iter(self.stream), self.state["step"], cfg.batch.grad_accum_steps, env.rank,
+                             env.world_size)
+        self._rate_clock = (time.perf_counter(), self.state["samples_seen"])
+        try:
+            if self.state["step"] == 0 and self.eval_hooks is not None:
+                self.metrics.log(0, self.eval_hooks(0, self.engine))  # step-0 baseline, before any update
+            while self.state["step"] < self.total:
+                result = self.train_step(batches)
+                self._log_step(result, bar)
+                outcome = self._checkpoint_and_stop(result)
+                if outcome is not None:
+                    return outcome
             every = cfg.checkpoint.every_steps
-            saved = bool((every and step % every == 0) or sums[-1] > 0 or sums[-2] > 0)
-            if saved:
+            if cfg.checkpoint.save_at_end and not (every and self.state["step"] % every == 0):
                 self.save()
-            if eval_metrics and self.eval_hooks.best_step is not None and env.rank == 0:  # changes only at a probe
-                write_json_atomic(self.run_dir / "best_step.json", {"best_step": self.eval_hooks.best_step})
-            if self.eval_hooks is not None and self.eval_hooks.stop_requested:
-                if not saved:
-                    self.save()
-                logger.warning("stopping at step %d: the forgetting budget was exceeded (eval.budget_max_rise_pct="
-                               "%g on set %r); checkpoint saved", step, cfg.eval.budget_max_rise_pct, cfg.eval.budget_set)
-                if bar is not None:
-                    bar.close()
-                self.metrics.close()
-                return "budget_stop"
-            if sums[-2] > 0:
-                logger.warning("stopping at step %d after a stop signal (checkpoint saved)", step)
-                if bar is not None:
-                    bar.close()
-                self.metrics.close()
-                return PREEMPTED
-        every = cfg.checkpoint.every_steps
-        if cfg.checkpoint.save_at_end and not (every and self.state["step"] % every == 0):
-            self.save()
+            return DONE
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+
+    def train_step(self, batches) -> StepResult:
+        """One optimizer step: stage transition, LRs, ``grad_accum_steps`` micro-batches, the one host sync."""
+        cfg, env, n_src = self.cfg, self.env, len(self.sources)
+        step = self.state["step"]
+        stage = self._enter_stage(step)
+        lrs = stage.lrs(step)
+        if self.eval_hooks is not None and self.eval_hooks.lr_scale != 1.0:  # forgetting budget lowered the LR
+            lrs = {g: v * self.eval_hooks.lr_scale for g, v in lrs.items()}
+        set_lrs(self.engine, lrs)
+        skipped_before = self.engine.skipped_steps
+        # on device: [loss sum per source, sample count per source, stop signal, timed-save vote]
+        sums = torch.zeros(2 * n_src + 2, dtype=torch.float64, device=env.device)
+        tokens = 0
+        for micro in range(cfg.batch.grad_accum_steps):
+            batch = next(batches)
+            index = micro * env.world_size + env.rank  # the micro-batch's place j in the global batch
+            out = self.forward_backward(batch, noise_generator(cfg.run.seed, step, index))
+            src = batch["source_id"].to(env.device)
+            sums[:n_src].index_add_(0, src, out.per_sample.double())
+            sums[n_src:2 * n_src].index_add_(0, src, torch.ones_like(src, dtype=torch.float64))
+            tokens += self._tokens_per_sample(batch) * len(src)
+        every_s = 60 * cfg.checkpoint.every_minutes
+        sums[_SLOT_STOP] = float(self._stop_signal)
+        sums[_SLOT_TIMED_SAVE] = float(env.rank == 0 and every_s > 0 and time.monotonic() - self._last_save > every_s)
+        dist.all_reduce(sums)
+        sums = sums.cpu()  # the one host sync per step: every rank must agree on skip / save / stop
+        self.state["step"] = step = step + 1
+        n_samples = int(sums[n_src:2 * n_src].sum().item())
+        self.state["samples_seen"] += n_samples
+        self.state["tokens_seen"] += tokens * env.world_size
+        loss = float(sums[:n_src].sum() / max(1, n_samples))
+        skipped = self.engine.skipped_steps != skipped_before or not torch.isfinite(torch.tensor(loss))
+        if cfg.ema.decay > 0 and self.engine.skipped_steps == skipped_before:
+            update_ema(self.engine, cfg.ema.decay)
+        if skipped:
+            self.state["nonfinite_total"] += 1
+            self.state["nonfinite_in_row"] += 1
+            logger.warning("step %d: non-finite loss/gradients (%s); update skipped (%d in a row)", step, loss,
+                           self.state["nonfinite_in_row"])
+        else:
+            self.state["nonfinite_in_row"] = 0
+        eval_metrics = self.eval_hooks(step, self.engine) if self.eval_hooks is not None else {}
+        return StepResult(step=step, stage=stage, lrs=lrs, sums=sums[:2 * n_src], tokens=tokens, samples=n_samples,
+                          skipped=skipped, stop_signal=bool(sums[_SLOT_STOP] > 0),
+                          timed_save=bool(sums[_SLOT_TIMED_SAVE] > 0), eval_metrics=eval_metrics)
+
+    def forward_backward(self, batch: dict, generator: torch.Generator):
+        """The loss hook on one micro-batch, its backward, and the engine's step (an update at the boundary)."""
+        out = self.objective(self.engine, batch, generator)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        return out
+
+    def _enter_stage(self, step: int):
+        """The stage of ``step``; at a boundary: the transition (new engine), the objective's and data mix's stage."""
+        stage = stage_at(self.stages, step)
+        if stage.index != self.stage.index:
+            transition(self, self.model, self.cfg, self.stage, stage, self.ds_config)  # replaces self.engine
+            self.stage = stage
+            self.objective.set_stage(stage.index)
+            if self.base_weights:
+                self.stream.set_weights(source_weights(stage, self.base_weights))
+        return stage
+
+    def _log_step(self, r: StepResult, bar) -> None:
+        """metrics.jsonl (and wandb) every ``logging.every_steps``, at the end, on skipped and probe steps."""
+        if r.step % self.cfg.logging.every_steps == 0 or r.step == self.total or r.skipped or r.eval_metrics:
+            now = time.perf_counter()
+            t_last, samples_last = self._rate_clock
+            rate = (self.state["samples_seen"] - samples_last) / max(now - t_last, 1e-9)
+            per_rank = max(1, r.samples // self.env.world_size)
+            row = self._metrics_row(r.stage.index, r.lrs, r.sums, rate, r.tokens / per_rank)
+            row.update(r.eval_metrics)
+            self.metrics.log(r.step, row)
+            self._rate_clock = (now, self.state["samples_seen"])
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", stage=r.stage.name)
         if bar is not None:
-            bar.close()
-        self.metrics.close()
-        return "done"
+            bar.update(1)
+
+    def _checkpoint_and_stop(self, r: StepResult) -> str | None:
+        """The checkpoint and stop policy, in one place: returns the outcome when the run stops after this step."""
+        cfg = self.cfg
+        if self.state["nonfinite_in_row"] >= cfg.optim.max_nonfinite_in_row:
+            self.save()
+            raise NonFiniteLossError(
+                f"{self.state['nonfinite_in_row']} non-finite losses in a row at step {r.step} (limit "
+                f"optim.max_nonfinite_in_row={cfg.optim.max_nonfinite_in_row}); saved a checkpoint and stopped. "
+                f"Lower the learning rate or inspect the data around samples_seen={self.state['samples_seen']}")
+        every = cfg.checkpoint.every_steps
+        saved = bool((every and r.step % every == 0) or r.timed_save or r.stop_signal)
+        if saved:
+            self.save()
+        hooks = self.eval_hooks
+        if r.eval_metrics and hooks.best_step is not None and self.env.rank == 0:  # changes only at a probe
+            write_json_atomic(self.run_dir / "best_step.json", {"best_step": hooks.best_step})
+        if hooks is not None and hooks.stop_requested:
+            if not saved:
+                self.save()
+            logger.warning("stopping at step %d: the forgetting budget was exceeded (eval.budget_max_rise_pct=%g on "
+                           "set %r); checkpoint saved", r.step, cfg.eval.budget_max_rise_pct, cfg.eval.budget_set)
+            return BUDGET_STOP
+        if r.stop_signal:
+            logger.warning("stopping at step %d after a stop signal (checkpoint saved)", r.step)
+            return PREEMPTED
+        return None
