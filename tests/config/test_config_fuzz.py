@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from anima_ft.config import load_config, validate
 from anima_ft.config.fields import numeric_fields
 
-SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -69,7 +69,7 @@ def _check(base: Path, overrides: list[str], keys: list[str]) -> None:
         assert any(k in msg for k in keys), (keys, msg)
 
 
-@settings(SETTINGS, max_examples=60)
+@settings(SETTINGS, max_examples=40)
 @given(data=st.data())
 def test_random_numeric_values_are_valid_or_name_the_key(data, base_config, numeric_keys):
     picks = data.draw(st.lists(st.sampled_from(numeric_keys), min_size=1, max_size=3, unique_by=lambda k: k[0]))
@@ -96,7 +96,7 @@ def test_random_yaml_text_is_valid_or_value_error(tmp_path_factory, text):
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=8))
 
 
-@settings(SETTINGS, max_examples=80)
+@settings(SETTINGS, max_examples=50)
 @given(data=st.data())
 def test_random_overrides_are_valid_or_name_the_key(data, numeric_keys):
     all_keys = sorted({k for k, _, _ in numeric_keys} | {
