@@ -110,9 +110,10 @@ def check_shard_files(ckpt: Path, world_size: int | None) -> None:
                 names = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in lost]
                 raise FileNotFoundError(f"{ckpt} lacks {', '.join(names)} (saved by {world_size} ranks); the "
                                         "checkpoint is incomplete: export another step_* directory (--tag)")
+    if not model[0].is_file():
+        raise FileNotFoundError(f"{model[0]} is missing (a ZeRO-3 checkpoint has zero_pp_rank_R_mp_rank_00_model_states"
+                                ".pt per rank instead); the checkpoint is incomplete: export another step_* directory")
     for path in (*optim, *model):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; the checkpoint is incomplete")
         _check_archive(path)
 
 
