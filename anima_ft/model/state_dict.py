@@ -86,7 +86,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _entry_problem(entry: object) -> str | None:
-    """Why a header entry is not ``{"dtype": known, "shape": [ints >= 0], "data_offsets": [b, e]}`` of the right size."""
+    """Why a header entry is not ``{"dtype": known, "shape": [ints >= 0], "data_offsets": [b, e]}`` sized right."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         return "is not a {dtype, shape, data_offsets} entry"
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -133,7 +133,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise ValueError(f"{path}: corrupt safetensors header ({exc})") from exc
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{path}: corrupt safetensors header (__metadata__ is not a string -> string map)")
     spans = []
@@ -161,7 +161,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, lis
 
 
 def stored_config(path: str | os.PathLike, metadata: Mapping[str, str]) -> AnimaConfig | None:
-    """The config :func:`save_anima` stored in ``metadata`` (None if absent); ValueError naming the file if malformed."""
+    """The config :func:`save_anima` stored in ``metadata`` (None if absent); ValueError naming the file if bad."""
     text = metadata.get(CONFIG_METADATA_KEY)
     if text is None:
         return None
@@ -169,7 +169,8 @@ def stored_config(path: str | os.PathLike, metadata: Mapping[str, str]) -> Anima
         return AnimaConfig.from_dict(json.loads(text))
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"{path}: metadata key {CONFIG_METADATA_KEY!r} holds no valid Anima config ({exc}); re-save "
-                         "the file with save_anima, or drop the key to infer the config from the tensor shapes") from exc
+                         "the file with save_anima, or drop the key to infer the config from the tensor "
+                         "shapes") from exc
 
 
 _Source = tuple[Path, str, str, list[int]]  # (file, key in the file, dtype, shape)
