@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, env_world_size())  # before any process group or model exists
+        from anima_ft.data.preflight import check_inputs
+
+        check_inputs(cfg)  # model files, shards, and model vs data shapes: headers and indexes only
     except ValueError as exc:
         log.error("bad config: %s", exc)
         return 2

@@ -19,10 +19,11 @@ import sys
 
 import torch
 
+from anima_ft.data.encoders import ENCODER_DTYPES, EncoderSpec, build_encoders
 from anima_ft.data.prepare import PrepareConfig, prepare_shards
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ENCODER_DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,30 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_encoders(args: argparse.Namespace, device: str):
-    """``(vae, text_encoder)`` from the flags: real weights, or tiny random ones with ``--tiny-encoders``."""
-    from anima_ft.model.text_encoder import TextEncoder, tiny_qwen3
-    from anima_ft.model.tokenizers import load_tokenizers
-    from anima_ft.model.vae import AnimaVAE, tiny_vae
-
-    if args.tiny_encoders is not None:
-        log.warning("--tiny-encoders: random tiny encoders (seed %d); for demos and tests only", args.tiny_encoders)
-        qwen_tok, t5_tok = load_tokenizers(args.qwen_tokenizer, args.t5_tokenizer)
-        vae = AnimaVAE(tiny_vae(seed=args.tiny_encoders).to(device, DTYPES[args.vae_dtype]))
-        qwen = tiny_qwen3(seed=args.tiny_encoders).to(device, DTYPES[args.qwen_dtype])
-        return vae, TextEncoder(qwen, qwen_tok, t5_tok)
-    if not args.vae or not args.qwen:
-        raise ValueError("--vae and --qwen are required (or --tiny-encoders SEED for a demo)")
-    vae_dtype = DTYPES[args.vae_dtype]
-    if os.path.isdir(args.vae):
-        vae = AnimaVAE.from_pretrained(args.vae, device=device, dtype=vae_dtype)
-    else:
-        vae = AnimaVAE.from_single_file(args.vae, device=device, dtype=vae_dtype)
-    text = TextEncoder.from_pretrained(args.qwen, args.qwen_tokenizer, args.t5_tokenizer,
-                                       qwen_config_path=args.qwen_config, device=device, dtype=DTYPES[args.qwen_dtype])
-    return vae, text
-
-
 def main(argv: list[str]) -> int:
     """Entry point of ``anima-ft prepare``; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -91,7 +68,7 @@ def main(argv: list[str]) -> int:
     device = args.device
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    vae, text = build_encoders(args, device)
+    vae, text = build_encoders(EncoderSpec.from_namespace(args), device)
     cfg = PrepareConfig(out_dir=args.out, bucket_area=args.bucket_area, bucket_width_step=args.bucket_width_step,
                         min_ar=args.min_ar, max_ar=args.max_ar, max_crop_fraction=args.max_crop_fraction,
                         max_input_pixels=args.max_input_pixels, shard_size=args.shard_size,

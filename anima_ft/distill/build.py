@@ -13,9 +13,9 @@ import logging
 import torch
 from torch import nn
 
+from anima_ft.config.distill import DistillConfig
 from anima_ft.config.schema import Config
 
-from .config import DistillConfig
 from .context import prepare_student
 from .objective import DistillObjective
 from .precompute import VelocityStore

@@ -64,7 +64,7 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def _attribute(args: argparse.Namespace) -> int:
-    from anima_ft.eval.probe_cli import eval_sets_from_args, resolve_dtype
+    from anima_ft.eval.probe_inputs import eval_sets_from_args, resolve_dtype
 
     from .attribution import redistribution, redistribution_table
 
@@ -87,7 +87,7 @@ def _attribute(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``anima-ft distill`` (see the module docstring)."""
-    from anima_ft.eval.probe_cli import add_probe_args
+    from anima_ft.eval.probe_inputs import add_probe_args
 
     if argv[:1] == ["lab"]:
         from .lab_variant import main as lab_main

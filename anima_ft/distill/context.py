@@ -26,9 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from anima_ft.config.distill import DistillConfig
 from anima_ft.model import AdapterConfig, LLMAdapter
-
-from .config import DistillConfig
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from anima_ft.config.distill import DistillConfig, SourceLoss
 from anima_ft.config.schema import ObjectiveConfig
 from anima_ft.eval.eval_sets import EvalSample, load_shard_eval_set
 
 from .attribution import redistribution, redistribution_table
-from .config import DistillConfig, SourceLoss
 from .context import prepare_student
 from .objective import DistillObjective
 from .teacher import Teacher, load_teacher

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from anima_ft.config.distill import DistillConfig, SourceLoss, stage_settings
 from anima_ft.config.schema import ObjectiveConfig
 from anima_ft.diffusion import LossOutput, draw_noise_and_timesteps, flow_matching_loss, interpolate, velocity_target
 
-from .config import DistillConfig, SourceLoss, stage_settings
 from .context import ContextOverride, student_context_fn
 from .precompute import VelocityStore
 from .teacher import Teacher

@@ -179,7 +179,7 @@ def run_attribution(a_path: str | Path, b_path: str | Path, eval_sets, sigmas, n
 @reports_input_errors("anima-ft swap")
 def main(argv: list[str]) -> int:
     """``anima-ft swap --dit A --adapter B|init OUT`` or ``anima-ft swap --attribute A B --eval-set NAME=PATH``."""
-    from anima_ft.eval.probe_cli import add_probe_args, eval_sets_from_args, resolve_dtype
+    from anima_ft.eval.probe_inputs import add_probe_args, eval_sets_from_args, resolve_dtype
 
     ap = argparse.ArgumentParser(prog="anima-ft swap", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", help="output .safetensors (compose mode)")

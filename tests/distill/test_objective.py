@@ -8,10 +8,10 @@ import pytest
 import torch
 from distill_helpers import CaptionData, tiny_model
 
+from anima_ft.config.distill import DistillStage
 from anima_ft.config.schema import ObjectiveConfig
 from anima_ft.diffusion import sample_timesteps
 from anima_ft.distill import DistillConfig, DistillObjective, SourceLoss, Teacher, prepare_student, validate_distill
-from anima_ft.distill.config import DistillStage
 from anima_ft.distill.context import valid_rows
 from anima_ft.train.objective import compute_loss
 

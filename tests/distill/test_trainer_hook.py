@@ -29,8 +29,8 @@ def _port() -> int:
 
 def _configs(run_dir: str):
     from anima_ft.config import load_config
+    from anima_ft.config.distill import DistillStage
     from anima_ft.distill import DistillConfig, SourceLoss
-    from anima_ft.distill.config import DistillStage
 
     cfg = load_config(REPO / "configs" / "tiny_cpu_staged.yaml",
                       [f"run.dir={run_dir}", "checkpoint.every_steps=0", "checkpoint.save_at_end=false",

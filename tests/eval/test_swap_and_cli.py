@@ -10,7 +10,7 @@ from eval_helpers import make_samples, randomize_
 from safetensors.torch import load_file
 from test_eval_sets import write_shard
 
-from anima_ft.eval import probe_cli, swap
+from anima_ft.eval import probe_cli, probe_inputs, swap
 from anima_ft.eval.probe import evaluate_sets
 
 SIGMAS = (0.3, 0.8)
@@ -127,11 +127,11 @@ def test_probe_cli_image_folder_with_tiny_encoders(ckpts, tmp_path, tokenizer_di
     assert probe_cli.main([ckpts["A"], *args, "--out-dir", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "probe_samples.csv")))
     assert [r["key"] for r in rows] == ["im0", "im1"]
-    ns = probe_cli.argparse.Namespace(eval_set=[f"unrelated={folder}"], limit=0, **{
+    ns = probe_inputs.argparse.Namespace(eval_set=[f"unrelated={folder}"], limit=0, **{
         "vae": None, "qwen": None, "qwen_config": None, "qwen_tokenizer": str(tokenizer_dir / "qwen3_06b"),
         "t5_tokenizer": str(tokenizer_dir / "t5_old"), "tiny_encoders": 0, "vae_dtype": "fp32", "qwen_dtype": "bf16",
         "bucket_area": 4096, "device": "cpu"})
-    sets = probe_cli.eval_sets_from_args(ns)
+    sets = probe_inputs.eval_sets_from_args(ns)
     s0 = sets["unrelated"][0]
     assert s0.latents.shape == (16, 8, 8) and s0.caption == "1girl, solo" and s0.t5_ids[-1] == 1
     assert sets["unrelated"][1].qwen_states.shape[0] == 0  # no caption file: empty caption
