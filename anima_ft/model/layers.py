@@ -16,7 +16,9 @@ import torch
 from anima_kernels import reference, warn_once
 from torch import nn
 
-BACKENDS = ("sdpa", "reference", "triton")
+from anima_ft.config.schema import ATTENTION_BACKENDS
+
+BACKENDS = ATTENTION_BACKENDS  # defined once, with the config field that selects them
 
 
 def _reference_ops(use_sdpa: bool) -> SimpleNamespace:
