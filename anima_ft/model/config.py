@@ -85,7 +85,8 @@ class AnimaConfig:
         if self.adapter is not None:
             _check_ranges(self.adapter, "adapter.")
         if self.mlp_hidden < 1:
-            raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an MLP hidden width of {self.mlp_hidden}; it must be >= 1")
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an MLP hidden width of {self.mlp_hidden}; "
+                             "it must be >= 1")
         if self.model_channels % self.num_heads:
             raise ValueError(f"model_channels={self.model_channels} is not divisible by num_heads={self.num_heads}")
         hd = self.head_dim
@@ -115,8 +116,8 @@ class AnimaConfig:
         adapter = d.pop("adapter", None)
         if adapter is not None and not isinstance(adapter, Mapping):
             raise ValueError(f"AnimaConfig key 'adapter' must be a mapping or null, got {adapter!r}")
-        return cls(**_typed_fields(cls, d, ""),
-                   adapter=None if adapter is None else AdapterConfig(**_typed_fields(AdapterConfig, adapter, "adapter.")))
+        adapter_cfg = None if adapter is None else AdapterConfig(**_typed_fields(AdapterConfig, adapter, "adapter."))
+        return cls(**_typed_fields(cls, d, ""), adapter=adapter_cfg)
 
     @classmethod
     def tiny(cls, num_blocks: int = 2, with_adapter: bool = True) -> AnimaConfig:
@@ -188,7 +189,8 @@ def _check_ranges(cfg, where: str) -> None:
 #   D  model_channels    hd DiT head dim (D / num_heads)    Cc crossattn_emb_channels    H  DiT MLP hidden
 #   R  adaln_lora_dim    X  x_embedder input width (in_channels + 1) * p * p     O  final width p * p * out_channels
 #   C  adapter.model_dim   S adapter.source_dim   ha adapter head dim   HA adapter.mlp_hidden   V adapter.vocab_size
-# DiT block i holds "blocks.{i}." + each _DIT_BLOCK key; adapter block j "llm_adapter.blocks.{j}." + each _ADAPTER_BLOCK.
+# DiT block i holds "blocks.{i}." + each _DIT_BLOCK key; adapter block j "llm_adapter.blocks.{j}." + each
+# _ADAPTER_BLOCK key.
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 """safetensors dtypes a weight may have (anything else, e.g. I32 or BOOL, is a damaged or foreign file)."""
