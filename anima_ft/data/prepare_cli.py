@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from anima_ft.command_errors import reports_input_errors
 from anima_ft.data.encoders import ENCODER_DTYPES, EncoderSpec, build_encoders
 from anima_ft.data.prepare import PrepareConfig, prepare_shards
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_input_errors("anima-ft prepare")
 def main(argv: list[str]) -> int:
     """Entry point of ``anima-ft prepare``; returns the process exit code."""
     args = build_parser().parse_args(argv)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from anima_ft.command_errors import reports_input_errors
 from anima_ft.eval.eval_sets import EvalSample, collate_condition
 
 from .precompute import write_teacher_velocities
@@ -85,6 +86,7 @@ def _attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+@reports_input_errors("anima-ft distill")
 def main(argv: list[str]) -> int:
     """Entry point of ``anima-ft distill`` (see the module docstring)."""
     from anima_ft.eval.probe_inputs import add_probe_args

@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from anima_ft.command_errors import reports_input_errors
 from anima_ft.model.groups import drift_group as group_of
 from anima_ft.model.groups import group_sort_key, is_ignored, strip_prefix
 from anima_ft.model.groups import lr_group_of_drift_group as kind_of
+from anima_ft.model.state_dict import read_header
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ def tensor_stats(a: torch.Tensor, b: torch.Tensor) -> DriftStats:
 
 def checkpoint_names(path: str | Path) -> dict[str, str]:
     """``{official name without prefix: name in the file}`` for a safetensors file, skipping ignored buffers."""
+    read_header(path)  # a malformed or truncated file is a ValueError naming it, before safetensors reads it
     with safe_open(str(path), framework="pt") as f:
         names = {}
         for raw in f.keys():
@@ -189,6 +192,7 @@ def _pairs(paths: Sequence[str], chain: bool) -> Iterator[tuple[str, str]]:
         yield (paths[i - 1] if chain else paths[0]), paths[i]
 
 
+@reports_input_errors("anima-ft drift")
 def main(argv: list[str]) -> int:
     """``anima-ft drift A B [C ...]``: drift of each later file against A (or its predecessor with --chain)."""
     ap = argparse.ArgumentParser(prog="anima-ft drift", description=__doc__.split("\n\n")[0])

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from anima_ft.command_errors import reports_input_errors
 from anima_ft.eval.probe import evaluate_sets
 from anima_ft.eval.probe_inputs import add_probe_args, eval_sets_from_args, resolve_dtype, step_from_name
 
@@ -65,6 +66,7 @@ def write_outputs(out_dir: Path, labels: list[str], steps: list[int | None], res
     probe_plot(x, means, sigmas, out_dir / "probe_loss_rel.png", x_title, relative=True)
 
 
+@reports_input_errors("anima-ft probe")
 def main(argv: list[str]) -> int:
     """Entry point of ``anima-ft probe``."""
     ap = argparse.ArgumentParser(prog="anima-ft probe", description=__doc__.split("\n\n")[0])
