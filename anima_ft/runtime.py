@@ -40,18 +40,12 @@ def temp_path_for(path: str | os.PathLike) -> Path:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` atomically: ``write(fileobj)`` fills a temporary sibling, then fsync and rename."""
-    path = Path(path)
-    tmp = temp_path_for(path)
-    try:
-        with open(tmp, "wb") as f:
+
+    def save(name: str) -> None:
+        with open(name, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+
+    atomic_save_with(path, save)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
