@@ -389,9 +389,35 @@ def _roll_back(root: Path, ckpt: Path | None) -> None:
 
 
 # -- load ---------------------------------------------------------------------------------------------------------
-def read_trainer_state(path: Path) -> dict:
-    """The trainer state (step, stage, samples seen, ...) stored in a checkpoint."""
-    return json.loads((path / "trainer.json").read_text())
+DAMAGED_FIX = "the checkpoint is damaged; resume from or export another step_* directory"
+
+
+def read_text_checked(path: Path) -> str:
+    """The UTF-8 text of ``path``; FileNotFoundError / ValueError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path} is missing") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as text ({exc}); the file is damaged") from exc
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """The trainer state (step, stage, samples seen, ...) in ``ckpt/trainer.json``, checked to be a JSON object whose
+    counters (``step``, ``samples_seen`` where present) are integers >= 0; anything else is a ValueError naming the
+    file."""
+    path = ckpt / "trainer.json"
+    try:
+        state = json.loads(read_text_checked(path))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); {DAMAGED_FIX}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a JSON {type(state).__name__}, not an object; {DAMAGED_FIX}")
+    for key in ("step", "samples_seen"):
+        value = state.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{path}: {key!r} is {value!r}, expected an integer >= 0; {DAMAGED_FIX}")
+    return state
 
 
 def load_checkpoint(engine, path: Path) -> dict | None:

@@ -10,7 +10,6 @@ the EMA of the weights instead, as its own file.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pickle
 import re
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 
 from anima_ft.command_errors import reports_input_errors
+
+from .checkpoint import DAMAGED_FIX, read_text_checked, read_trainer_state
 
 logger = logging.getLogger(__name__)
 EMA_KEY = "ema"  # the optimizer-state entry that holds the EMA (engine.update_ema writes it, state_view reads it)
@@ -35,43 +36,11 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
         if tag is not None and (root / tag / "trainer.json").is_file():
             return root / tag
         if tag is None and (root / "latest").is_file():
-            ckpt = root / _read_text(root / "latest").strip()
+            ckpt = root / read_text_checked(root / "latest").strip()
             if (ckpt / "trainer.json").is_file():
                 return ckpt
     what = f"checkpoint {tag!r}" if tag else "complete checkpoint (trainer.json) or 'latest' file"
     raise ValueError(f"{path}: found no {what}; pass a run directory, its checkpoints/ directory or a step_* directory")
-
-
-def _read_text(path: Path) -> str:
-    """The UTF-8 text of ``path``; FileNotFoundError / ValueError naming it."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{path} is missing") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} cannot be read as text ({exc}); the file is damaged") from exc
-
-
-def read_trainer_json(ckpt: Path) -> dict:
-    """``ckpt/trainer.json``, checked: a JSON object with ``model_config`` (object), ``step`` and ``samples_seen``
-    (integers >= 0) and, if present, ``train_config`` (string). Anything else is a ValueError naming the file."""
-    path = ckpt / "trainer.json"
-    fix = "the checkpoint is damaged; export another step_* directory (--tag) or re-save it from a run"
-    try:
-        state = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); {fix}") from exc
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a JSON {type(state).__name__}, not an object; {fix}")
-    if not isinstance(state.get("model_config"), dict):
-        raise ValueError(f"{path} has no model_config object; it was not written by anima_ft's trainer, or {fix}")
-    for key in ("step", "samples_seen"):
-        value = state.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{path}: {key!r} is {value!r}, expected an integer >= 0; {fix}")
-    if not isinstance(state.get("train_config", ""), str):
-        raise ValueError(f"{path}: 'train_config' must be the resolved config as a YAML string; {fix}")
-    return state
 
 
 _SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
@@ -180,7 +149,13 @@ def export_checkpoint(ckpt: Path, out: Path, ema: bool = False) -> Path:
     from anima_ft.model.config import check_layout
     from anima_ft.model.state_dict import dtype_name
 
-    state = read_trainer_json(ckpt)
+    state = read_trainer_state(ckpt)
+    path = ckpt / "trainer.json"
+    if not isinstance(state.get("model_config"), dict) or "step" not in state:
+        raise ValueError(f"{path} has no model_config object or step; it was not written by anima_ft's trainer, or "
+                         f"{DAMAGED_FIX}")
+    if not isinstance(state.get("train_config", ""), str):
+        raise ValueError(f"{path}: 'train_config' must be the resolved config as a YAML string; {DAMAGED_FIX}")
     try:
         cfg = AnimaConfig.from_dict(state["model_config"])
         cfg.validate()
