@@ -207,15 +207,18 @@ class CheckpointConfig:
     every_minutes: float = bounded(0.0, 0, note="0 = off")
     """Save when this many minutes passed since the last save; 0 = off."""
     keep_last: int = bounded(3, 0, note="0 = keep all")
-    """Number of complete checkpoints kept (older ones deleted); 0 = keep all."""
+    """Complete checkpoints kept, counting the newest; after each save older steps beyond that are deleted (by step
+    number; never the one just written or the one ``latest`` names). 0 = keep all."""
     resume: str = "auto"
-    """``auto`` (from ``latest`` in the run dir when present), ``none``, or a checkpoint directory."""
+    """``auto`` (from ``latest`` in the run dir when present), ``none``, or a checkpoint directory. Resuming a
+    checkpoint older than this run's newest moves the newer ones to ``checkpoints/rolled_back/`` (kept, with a
+    warning); ``none`` moves all existing ones there. Requeues should use ``auto`` (docs/checkpointing.md#atomicity)."""
     save_at_end: bool = True
     """Save a checkpoint after the last step."""
     allow_world_size_change: bool = True
     """Resume a checkpoint saved by another number of ranks: converted once to a DeepSpeed universal checkpoint
-    (``step_N/universal``, about the size of the optimizer shards), data position kept, RNGs reseeded (README,
-    "Resuming on another world size"); false = refuse."""
+    (``step_N/universal``, about the size of the optimizer shards), data position kept, RNGs reseeded
+    (docs/checkpointing.md#world-size); false = refuse."""
 
 
 @dataclass
