@@ -6,6 +6,13 @@ micro-batches ``i`` with ``i % n == k`` and the DataLoader returns them round-ro
 the same for every worker count. The main process advances its own copy of the planner as batches are consumed,
 so ``state_dict()`` is exact at every micro-step; prefetched batches are simply dropped on resume or reweighting.
 
+Remote shards (URLs, ``object_store.py``): each consumer plans ahead until ``remote.prefetch_samples`` of its
+samples are scheduled and hands their byte spans to its reader's prefetch pool (``prefetch.py``), so ranged GETs
+overlap decoding. Planning ahead changes nothing that is read: plans are a pure function of the planner state, and
+samples are decoded in the same order as without prefetching, so the batches are bit for bit those of the same
+shards on local disk. Remote I/O counters (requests, bytes, retries by reason, failed requests, cache hits) travel
+with each batch and add up in ``stats()["io"]``.
+
 Batch (the batch contract): ``latents`` bf16 [B,16,h,w]; ``qwen_states`` bf16 [B,S,C] zero-padded to the batch max S
 (at least 1); ``qwen_mask`` bool [B,S]; ``t5_ids`` long [B,L] padded with 0; ``t5_mask`` bool [B,L]; ``source``
 (names), ``source_id`` long [B]; ``caption``; ``key``. A caption-dropped sample follows the empty-caption
@@ -17,11 +24,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import Counter
+from collections import Counter, deque
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from anima_ft.config.remote import RemoteConfig
+from anima_ft.data.object_store import io_summary, redact
 from anima_ft.data.plan import MicroBatchPlan, MixPlanner
 from anima_ft.data.shard_format import SampleError
 from anima_ft.data.sources import Catalog, ShardReader, SourceSpec, build_catalog
@@ -65,28 +74,42 @@ def collate(samples: list[dict], drop: list[bool], source_ids: list[int], names:
 class _RankStream(IterableDataset):
     """This rank's micro-batches from a planner state; split across DataLoader workers by micro-batch index."""
 
-    def __init__(self, catalog: Catalog, planner_args: dict, planner_state: dict, micro: int, rank: int):
+    def __init__(self, catalog: Catalog, planner_args: dict, planner_state: dict, micro: int, rank: int,
+                 remote: RemoteConfig | None = None):
         self.catalog, self.planner_args, self.planner_state = catalog, planner_args, planner_state
-        self.micro, self.rank = micro, rank
+        self.micro, self.rank, self.remote = micro, rank, remote
+
+    def _plans(self, planner: MixPlanner, worker: int, num_workers: int):
+        """This worker's micro-batch plans, in the order it loads them (endless)."""
+        i, skip = 0, self.micro
+        while True:
+            mine = []  # indices j of this worker's share of this rank's micro-batches, in accumulation order
+            for a in range(skip, planner.A):
+                if i % num_workers == worker:
+                    mine.append(a * planner.W + self.rank)
+                i += 1
+            plans = planner.next_global_batch(materialize=mine)
+            yield from (plans[j] for j in mine)
+            skip = 0
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         planner = MixPlanner(self.catalog, **self.planner_args)
         planner.load_state_dict(self.planner_state)
-        reader = ShardReader(self.catalog)
-        i, skip = 0, self.micro
+        reader = ShardReader(self.catalog, remote=self.remote)
+        remote = any(reader.is_remote(k) for k in range(len(self.catalog.shard_paths)))
+        plans, ahead = self._plans(planner, worker, num_workers), deque()
         try:
             while True:
-                mine = []  # indices j of this worker's share of this rank's micro-batches, in accumulation order
-                for a in range(skip, planner.A):
-                    if i % num_workers == worker:
-                        mine.append(a * planner.W + self.rank)
-                    i += 1
-                plans = planner.next_global_batch(materialize=mine)
-                for j in mine:
-                    yield self._load(plans[j], planner, reader)
-                skip = 0
+                # remote shards: plan ahead so that the pool always has prefetch_samples spans to fetch
+                depth = reader.remote.prefetch_samples
+                while not ahead or (remote and reader.scheduled < depth and len(ahead) < depth):
+                    plan = next(plans)
+                    ahead.append(plan)
+                    if remote:
+                        reader.schedule([sample_id for _, sample_id, _, _ in plan.samples])
+                yield self._load(ahead.popleft(), planner, reader)
         finally:
             reader.close()
 
@@ -101,7 +124,7 @@ class _RankStream(IterableDataset):
                     entry = self.catalog.entry(candidate)
                     skips[err.reason] += 1
                     log.warning("skipping sample %s in shard %s: %s", entry["key"],
-                                self.catalog.shard_paths[entry["shard"]], err)
+                                redact(self.catalog.shard_paths[entry["shard"]]), err)
                     continue
                 sample["key"] = self.catalog.keys[candidate]
                 if k > 0:
@@ -109,13 +132,14 @@ class _RankStream(IterableDataset):
                 samples.append(sample)
                 break
             else:  # nothing usable is left in this (source, bucket): a data error, named, not a crash
-                shards = sorted({self.catalog.shard_paths[self.catalog.entry(c)["shard"]]
+                shards = sorted({redact(self.catalog.shard_paths[self.catalog.entry(c)["shard"]])
                                  for c in self.catalog.by_bucket[source][plan.bucket]})
                 raise ValueError(f"source {self.catalog.names[source]!r} bucket {plan.bucket}: every sample failed "
                                  f"to read ({dict(skips)}) in shards {shards[:5]}; find the damage with `anima-ft "
                                  "verify`, then copy the shards again or re-run prepare")
         batch = collate(samples, plan.drop, [s for s, *_ in plan.samples], self.catalog.names)
         batch["_skips"] = dict(skips)
+        batch["_io"] = reader.io_delta()
         return batch
 
 
@@ -128,18 +152,20 @@ class MixedStream:
     caption_dropout: probability that a sample gets the empty caption (drawn from the seed, identical on resume).
     expected_fingerprint: None, a fingerprint hash or a fingerprint dict that every shard must carry.
     validate: "index" (cheap checks at start) or "full" (decode every sample at start); see ``sources.py``.
+    remote: prefetch, retry and cache settings for shards named by URL (``data.remote``; None = the defaults).
 
     Keep one live iterator per stream: every ``iter(stream)`` continues from the stream's current state.
     """
 
     def __init__(self, sources: list[SourceSpec], micro_batch_size: int, grad_accum_steps: int = 1, dp_rank: int = 0,
                  dp_world_size: int = 1, num_workers: int = 0, seed: int = 0, caption_dropout: float = 0.0,
-                 expected_fingerprint=None, validate: str = "index"):
+                 expected_fingerprint=None, validate: str = "index", remote: RemoteConfig | None = None):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_world_size={dp_world_size})")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
-        self.catalog = build_catalog(sources, expected_fingerprint, validate)
+        self.remote = remote or RemoteConfig()
+        self.catalog = build_catalog(sources, expected_fingerprint, validate, self.remote)
         self.rank, self.num_workers = dp_rank, num_workers
         self._planner_args = {"micro_batch_size": micro_batch_size, "grad_accum_steps": grad_accum_steps,
                               "world_size": dp_world_size, "seed": seed, "caption_dropout": caption_dropout}
@@ -149,6 +175,7 @@ class MixedStream:
         self._generation = 0  # bumped when the state changes outside the normal flow: live iterators restart
         self._seen = Counter()
         self._skipped = Counter(self.catalog.skipped)
+        self._io = Counter(self.catalog.build_io)  # remote I/O of this process and its workers (not in the state)
 
     @property
     def fingerprint(self) -> dict:
@@ -157,13 +184,15 @@ class MixedStream:
 
     def _open(self):
         planner_args = {**self._planner_args, "weights": dict(zip(self.catalog.names, self._planner.weights))}
-        dataset = _RankStream(self.catalog, planner_args, self._planner.state_dict(), self._micro, self.rank)
+        dataset = _RankStream(self.catalog, planner_args, self._planner.state_dict(), self._micro, self.rank,
+                              self.remote)
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
 
     def _consumed(self, batch: dict) -> None:
         self._skipped.update(batch.pop("_skips"))
+        self._io.update(batch.pop("_io"))
         self._seen.update(batch["source"])
         self._micro += 1
         if self._micro == self._planner.A:
@@ -271,6 +300,8 @@ class MixedStream:
                         new_shape[0], old_shape[1], new_shape[1])
 
     def stats(self) -> dict:
-        """``{"skipped": {reason: count}, "seen": {source: samples on this rank}, "global_step", "micro_step"}``."""
+        """``{"skipped": {reason: count}, "seen": {source: samples on this rank}, "global_step", "micro_step",
+        "io": remote I/O counters}``; ``io`` (``object_store.io_summary``) counts the batches delivered so far,
+        prefetched ones included, and is not saved in ``state_dict``."""
         return {"skipped": dict(self._skipped), "seen": {n: self._seen.get(n, 0) for n in self.catalog.names},
-                "global_step": self._planner.step, "micro_step": self._micro}
+                "global_step": self._planner.step, "micro_step": self._micro, "io": io_summary(self._io)}

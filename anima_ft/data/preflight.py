@@ -3,7 +3,8 @@
 Checks that need the model and data packages, run before any rank works (launch/train.py, right after validate):
 
 * ``model.init_path`` / ``model.adapter_path`` hold a readable safetensors header of an Anima model;
-* every ``data.sources.*.shards`` pattern and ``eval.sets.*.path`` finds .tar shards (``discover_shards``);
+* every ``data.sources.*.shards`` pattern and ``eval.sets.*.path`` finds .tar shards (``discover_shards``: a
+  listing of the bucket for URLs such as ``s3://bucket/shards/``, never a local glob);
 * the model fits the data: its latent channels (``in_channels``) equal the shards' latent channels and its adapter's
   source width equals the shards' Qwen width (``qwen_dim`` of the first shard's index), or the synthetic data's.
 
@@ -15,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from anima_ft.config.remote import RemoteConfig
 from anima_ft.config.schema import Config
+from anima_ft.data.object_store import ObjectStore, is_url, redact
 from anima_ft.data.shard_format import LATENT_CHANNELS, read_index
-from anima_ft.data.sources import SourceSpec, discover_shards
+from anima_ft.data.sources import SourceSpec, discover_shards, open_remote_shard
 from anima_ft.model.config import AnimaConfig, infer_config
 from anima_ft.model.state_dict import is_derived_buffer, read_safetensors_header, strip_prefix
 
@@ -65,14 +68,14 @@ def model_shapes(cfg: Config) -> ModelShapes:
                        f"model.init_path={m.init_path!r}")
 
 
-def _shards(key: str, name: str, patterns: list[str]) -> list[Path]:
-    found: list[Path] = []
+def _shards(key: str, name: str, patterns: list[str], store: ObjectStore) -> list[Path | str]:
+    found: list[Path | str] = []
     for j, pattern in enumerate(patterns):
         try:
-            found += discover_shards(SourceSpec(name, [str(pattern)]))
+            found += discover_shards(SourceSpec(name, [str(pattern)]), store)
         except ValueError:
-            raise ValueError(f"{key}.{j}={pattern!r} matches no .tar shards; give a directory, glob or .tar path "
-                             "written by `anima-ft prepare`") from None
+            raise ValueError(f"{key}.{j}={redact(pattern)!r} matches no .tar shards; give a directory, glob or .tar "
+                             "path (or a URL of one) written by `anima-ft prepare`") from None
     return found
 
 
@@ -80,22 +83,23 @@ def check_inputs(cfg: Config) -> None:
     """Raise ValueError naming the key for an unreadable model file, a pattern without shards, or a model that does
     not fit the data."""
     model = model_shapes(cfg)
-    first: tuple[str, Path] | None = None
+    store = ObjectStore(getattr(cfg.data, "remote", None) or RemoteConfig())
+    first: tuple[str, Path | str] | None = None
     for i, s in enumerate(cfg.data.sources):
-        shards = _shards(f"data.sources.{i}.shards", s.name, list(s.shards))
+        shards = _shards(f"data.sources.{i}.shards", s.name, list(s.shards), store)
         first = first or (f"data.sources.{i}.shards", shards[0])
     for i, s in enumerate(cfg.eval.sets):
-        _shards(f"eval.sets.{i}.path", s.name, [s.path])
+        _shards(f"eval.sets.{i}.path", s.name, [s.path], store)
     if first is None:  # the synthetic stream takes its Qwen width from the model
         data_channels, data_qwen, data_where = SYNTHETIC_LATENT_CHANNELS, None, "the synthetic data"
     else:
         key, shard = first
         try:
-            index = read_index(shard)
+            index = open_remote_shard(str(shard), store)[0] if is_url(shard) else read_index(shard)
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
         # the shard format (version checked by read_index) fixes LATENT_CHANNELS-channel latents; the reader enforces it
-        data_channels, data_qwen, data_where = LATENT_CHANNELS, index.get("qwen_dim"), f"shard {shard} ({key})"
+        data_channels, data_qwen, data_where = LATENT_CHANNELS, index.get("qwen_dim"), f"shard {redact(shard)} ({key})"
     if model.in_channels != data_channels:
         raise ValueError(f"{model.where}: the model takes {model.in_channels} latent channels but {data_where} has "
                          f"{data_channels}; use a checkpoint made for {data_channels}-channel latents or re-encode the "

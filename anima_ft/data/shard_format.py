@@ -55,8 +55,10 @@ VAE_DOWNSCALE = 8
 TAR_BLOCK = 512
 
 
-def index_path_for(tar_path: str | Path) -> Path:
-    """``dir/NAME.tar`` -> ``dir/NAME.index.json``."""
+def index_path_for(tar_path: str | Path) -> Path | str:
+    """``dir/NAME.tar`` -> ``dir/NAME.index.json`` (a string for a URL such as ``s3://bucket/NAME.tar``)."""
+    if "://" in str(tar_path):
+        return str(tar_path)[: -len(".tar")] + ".index.json"
     tar_path = Path(tar_path)
     return tar_path.with_name(tar_path.name[: -len(".tar")] + ".index.json")
 
@@ -205,8 +207,17 @@ def read_index(tar_path: str | Path) -> dict:
         raise BadIndex(ipath, "(file)", f"shard {tar_path} has no index {ipath.name}: only shards written by "
                        "`anima-ft prepare` can be streamed")
     try:
-        index = json.loads(ipath.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raw = ipath.read_bytes()
+    except OSError as err:
+        raise BadIndex(ipath, "(file)", f"unreadable ({type(err).__name__}: {err})") from err
+    return parse_index(raw, ipath)
+
+
+def parse_index(raw: bytes, ipath: str | Path) -> dict:
+    """Decode an index file's bytes and check them like :func:`read_index` (remote shards fetch the bytes)."""
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise BadIndex(ipath, "(file)", f"unreadable ({type(err).__name__}: {err})") from err
     if type(index) is not dict:
         raise BadIndex(ipath, "(top level)", f"{type(index).__name__} found, expected an object")
@@ -317,6 +328,12 @@ def read_sample(fileobj: io.BufferedReader, entry: dict, qwen_dim: int) -> dict:
         span = fileobj.read(end - start)
     except OSError as err:
         raise SampleError("unreadable_shard", f"reading bytes [{start}, {end}): {err}") from err
+    return decode_span(span, entry, qwen_dim)
+
+
+def decode_span(span: bytes, entry: dict, qwen_dim: int) -> dict:
+    """Split, verify (checksums, when the entry has them) and decode a sample's bytes ``[span[0], span[1])``, however
+    they were read (a local seek or a ranged GET); raises :class:`SampleError`."""
     members = split_members(span, entry, entry["key"])
     if entry.get("checksums") is not None:
         verify_checksums(members, entry["checksums"], entry["key"])

@@ -23,9 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
+from anima_ft.config.remote import RemoteConfig
 from anima_ft.data.index_schema import BadIndex, entry_problem, fingerprint_hash
-from anima_ft.data.shard_format import MEMBERS, SampleError, index_path_for, read_index, read_sample
+from anima_ft.data.object_store import GLOB_CHARS, ObjectStore, RemoteReadError, is_url, redact
+from anima_ft.data.prefetch import SpanPrefetcher
+from anima_ft.data.shard_cache import ShardCache
+from anima_ft.data.shard_format import (
+    MEMBERS,
+    SampleError,
+    decode_span,
+    index_path_for,
+    parse_index,
+    read_index,
+    read_sample,
+)
 
 log = logging.getLogger(__name__)
 Bucket = tuple[int, int]
@@ -38,6 +51,8 @@ class SourceSpec:
 
     name: label that appears in each batch's ``source`` list and in ``stats()`` (e.g. "target", "replay").
     shards: a directory (every ``*.tar`` in it), a glob, or a list of tar paths; each tar needs its ``.index.json``.
+        Any of them may be a URL read through fsspec (``s3://bucket/shards/``, ``s3://bucket/*.tar``,
+        ``gs://...``, ``https://host/NAME.tar``; see ``object_store.py``).
     weight: relative share of every global batch (normalized over all sources; 0 = off until ``set_weights``).
     """
 
@@ -46,14 +61,30 @@ class SourceSpec:
     weight: float = 1.0
 
 
-def discover_shards(spec: SourceSpec) -> list[Path]:
-    """The sorted tar paths a source names; ``ValueError`` when there are none.
+def _discover_remote(pattern: str, store: ObjectStore) -> set[str]:
+    if pattern.endswith(".tar") and not any(c in pattern for c in GLOB_CHARS):
+        return {pattern}
+    try:
+        listed = store.glob(pattern)
+    except FileNotFoundError:
+        return set()
+    found = {u for u in listed if u.endswith(".tar")}
+    if not any(c in pattern for c in GLOB_CHARS):  # a "directory": a lost tar is named by its index
+        found.update(u[: -len(".index.json")] + ".tar" for u in listed if u.endswith(".index.json"))
+    return found
+
+
+def discover_shards(spec: SourceSpec, store: ObjectStore | None = None) -> list[Path | str]:
+    """The sorted tar paths a source names (``Path`` on disk, ``str`` for URLs); ``ValueError`` when there are none.
 
     In a directory, an index whose tar is missing names its tar too, so the lost shard is counted, not ignored.
     """
     patterns = [spec.shards] if isinstance(spec.shards, (str, os.PathLike)) else list(spec.shards)
-    paths: set[Path] = set()
+    paths: set[Path | str] = set()
     for pattern in patterns:
+        if is_url(pattern):
+            paths.update(_discover_remote(str(pattern), store or ObjectStore()))
+            continue
         p = Path(pattern)
         if p.is_dir():
             paths.update(p.glob("*.tar"))
@@ -63,9 +94,9 @@ def discover_shards(spec: SourceSpec) -> list[Path]:
         else:
             paths.update(Path(m) for m in glob.glob(str(pattern)) if m.endswith(".tar"))
     if not paths:
-        raise ValueError(f"source {spec.name!r}: no .tar shards found at {spec.shards!r}; pass a directory, a glob "
-                         "or a list of shard paths written by `anima-ft prepare`")
-    return sorted(paths)
+        raise ValueError(f"source {spec.name!r}: no .tar shards found at {redact(spec.shards)}; pass a directory, a "
+                         "glob or a list of shard paths (or URLs) written by `anima-ft prepare`")
+    return sorted(paths, key=str)
 
 
 COLUMNS = ("shard", "source", "span_start", "span_end", "width", "height", "qwen_len", "t5_len",
@@ -88,6 +119,8 @@ class Catalog:
     by_bucket[s][bucket]: sorted sample ids of source s in that bucket.
     checksummed[k]: shard k's index has member checksums (format v2); v1 shards' checksum columns hold 0.
     bad_shards: ``(shard path, field, detail)`` of every shard skipped as ``unreadable_shard``.
+    shard_bytes[k] / shard_tags[k]: shard k's tar size and the xxh3 of its index bytes (names its cached copy).
+    build_io: remote I/O counts of building the catalog (``object_store.IOCounters``).
     """
 
     names: list[str]
@@ -99,6 +132,9 @@ class Catalog:
     skipped: Counter = field(default_factory=Counter)
     checksummed: list[bool] = field(default_factory=list)
     bad_shards: list[tuple[str, str, str]] = field(default_factory=list)
+    shard_bytes: list[int] = field(default_factory=list)
+    shard_tags: list[str] = field(default_factory=list)
+    build_io: dict = field(default_factory=dict)
     table: np.ndarray = field(default_factory=lambda: np.zeros((0, len(COLUMNS)), dtype=np.int64))
 
     def __len__(self) -> int:
@@ -136,22 +172,68 @@ def _check_fingerprint(path: Path, index: dict, ref: tuple[Path, dict] | None, e
                          f"{diff}); mixing them would be silent garbage: re-encode one of them with `anima-ft prepare`")
 
 
-def _open_index(path: Path, cat: Catalog) -> dict:
-    """The checked index of one shard, or ``BadIndex`` (missing tar, bad index, qwen width unlike the others)."""
+def open_remote_shard(url: str, store: ObjectStore) -> tuple[dict, int, str]:
+    """``(checked index, tar size, index tag)`` of a shard in object storage: its index fetched once, its size from
+    one HEAD. ``BadIndex`` for a missing or bad index or a missing tar; other errors are the store's."""
+    ipath = index_path_for(url)
+    try:
+        raw = store.read_bytes(ipath)
+    except FileNotFoundError:
+        raise BadIndex(redact(ipath), "(file)", f"shard {redact(url)} has no index: only shards written by "
+                       "`anima-ft prepare` can be streamed") from None
+    index = parse_index(raw, redact(ipath))
+    try:
+        size = store.size(url)
+    except FileNotFoundError:
+        raise BadIndex(redact(ipath), "(file)", f"its tar {url.rsplit('/', 1)[-1]} is missing") from None
+    return index, size, xxhash.xxh3_64_hexdigest(raw)
+
+
+def _open_local(path: Path) -> tuple[dict, int, str]:
     index = read_index(path)
     if not path.exists():
         raise BadIndex(index_path_for(path), "(file)", f"its tar {path.name} is missing")
+    return index, path.stat().st_size, ""
+
+
+def _fetch_remote_shards(paths: list[Path | str], store: ObjectStore) -> dict[str, object]:
+    """Every remote shard's ``open_remote_shard`` result (or its ``BadIndex``), fetched concurrently.
+
+    A shard that cannot be read for any other reason (retries exhausted, access denied) stops the build with a
+    RuntimeError naming it: every rank must build the same catalog, so a transient failure never drops a shard.
+    """
+    urls = [str(p) for p in paths if is_url(p)]
+    opened = dict(zip(urls, store.read_many(urls, lambda u: open_remote_shard(u, store))))
+    for url, got in opened.items():
+        if isinstance(got, Exception) and not isinstance(got, BadIndex):
+            raise RuntimeError(f"cannot read shard {redact(url)} or its index ({type(got).__name__}: {redact(got)}); "
+                               "no shard is skipped for a storage error, so that every rank sees the same data: "
+                               "check the store and run again") from got
+    return opened
+
+
+def _open_index(path: Path | str, cat: Catalog, remote: dict[str, object]) -> tuple[dict, int, str]:
+    """``(index, size, tag)`` of one shard, or ``BadIndex`` (missing tar, bad index, qwen width unlike the others)."""
+    if is_url(path):
+        got = remote[str(path)]
+        if isinstance(got, BadIndex):
+            raise got
+        index, size, tag = got
+    else:
+        index, size, tag = _open_local(path)
     if index["num_samples"] and cat.qwen_dim and index["qwen_dim"] != cat.qwen_dim:
-        raise BadIndex(index_path_for(path), "qwen_dim", f"{index['qwen_dim']}, but the other shards with the "
-                       f"same encoder fingerprint have {cat.qwen_dim}")
-    return index
+        raise BadIndex(redact(index_path_for(path)), "qwen_dim", f"{index['qwen_dim']}, but the other shards "
+                       f"with the same encoder fingerprint have {cat.qwen_dim}")
+    return index, size, tag
 
 
-def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: str = "index") -> Catalog:
+def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: str = "index",
+                  remote: RemoteConfig | None = None) -> Catalog:
     """Load every source's shard indices, check compatibility, and list the valid samples per bucket.
 
     A bad shard is skipped and counted (``unreadable_shard``, see the module docstring); a source left with no
-    valid sample is a ``ValueError`` naming its skipped shards and the offending fields.
+    valid sample is a ``ValueError`` naming its skipped shards and the offending fields. Remote shards' indices are
+    fetched once each, concurrently; ``remote`` holds the retry and prefetch settings.
     """
     if validate not in VALIDATE_LEVELS:
         raise ValueError(f"validate={validate!r}; choose one of {VALIDATE_LEVELS}")
@@ -160,33 +242,42 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
         raise ValueError(f"source names {names} must be non-empty and unique")
     cat = Catalog(names, by_bucket=[{} for _ in specs])
     rows: list[list[int]] = []
-    ref: tuple[Path, dict] | None = None
-    reader = ShardReader(cat)
+    ref: tuple[Path | str, dict] | None = None
+    reader = ShardReader(cat, remote=remote)
+    store = reader.store
+    found = [discover_shards(spec, store) for spec in specs]
+    fetched = _fetch_remote_shards([p for paths in found for p in paths], store)
     v1_shards = 0
     for s, spec in enumerate(specs):
-        for path in discover_shards(spec):
+        for path in found[s]:
             try:
-                index = _open_index(path, cat)
+                index, size, tag = _open_index(path, cat, fetched)
             except BadIndex as err:
                 cat.skipped["unreadable_shard"] += 1
                 cat.bad_shards.append((err.path, err.field, err.detail))
-                log.warning("skipping shard %s (unreadable_shard, field %s): %s", path, err.field, err.detail)
+                log.warning("skipping shard %s (unreadable_shard, field %s): %s", redact(path), err.field, err.detail)
                 continue
-            _check_fingerprint(path, index, ref, expected_fingerprint)
+            _check_fingerprint(redact(path), index, ref, expected_fingerprint)
             if ref is None:
-                ref, cat.fingerprint = (path, index), index["fingerprint"]
+                ref, cat.fingerprint = (redact(path), index), index["fingerprint"]
             cat.qwen_dim = cat.qwen_dim or index["qwen_dim"] or 0
-            size = path.stat().st_size
             if size > index["tar_bytes"]:
                 log.warning("shard %s has %d bytes, %d more than its index says: its samples are still verified "
-                            "one by one", path, size, size - index["tar_bytes"])
+                            "one by one", redact(path), size, size - index["tar_bytes"])
             v1_shards += index["format_version"] == 1
             shard_id = len(cat.shard_paths)
             cat.shard_paths.append(str(path))
             cat.checksummed.append(index["format_version"] >= 2)
+            cat.shard_bytes.append(size)
+            cat.shard_tags.append(tag)
+            entries = []
             for entry in index["samples"]:
                 entry = {**entry, "shard": shard_id, "source": s}
                 reason = entry_problem(entry, size)
+                entries.append((entry, reason))
+            if validate == "full":
+                reader.schedule_entries([e for e, reason in entries if reason is None])
+            for entry, reason in entries:
                 if reason is None and validate == "full":
                     try:
                         reader.read_entry(entry)
@@ -194,17 +285,18 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
                         reason = (err.reason, str(err))
                 if reason is not None:
                     cat.skipped[reason[0]] += 1
-                    log.warning("skipping sample %s in shard %s: %s", entry["key"], path, reason[1])
+                    log.warning("skipping sample %s in shard %s: %s", entry["key"], redact(path), reason[1])
                     continue
                 cat.by_bucket[s].setdefault(tuple(entry["bucket"]), []).append(len(cat.keys))
                 cat.keys.append(entry["key"])
                 rows.append(_row(entry))
         if not cat.by_bucket[s]:
             bad = "; ".join(f"{p} (field {f}: {d})" for p, f, d in cat.bad_shards[:5])
-            raise ValueError(f"source {spec.name!r} has no valid sample in {spec.shards!r} (skipped so far: "
+            raise ValueError(f"source {spec.name!r} has no valid sample in {redact(spec.shards)} (skipped so far: "
                              f"{dict(cat.skipped)}{'; unreadable shards: ' + bad if bad else ''}); check the "
                              "shards with `anima-ft verify` or re-run prepare")
     reader.close()
+    cat.build_io = reader.io_delta()
     if v1_shards:
         log.warning("%d of %d shards are format v1, without member checksums: bit flips in their tensors or captions "
                     "cannot be detected; re-run `anima-ft prepare` to get checksummed (v2) shards", v1_shards,
@@ -214,35 +306,124 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
 
 
 class ShardReader:
-    """Random-access sample reader over a catalog's shards, keeping a few files open (one per worker)."""
+    """Random-access sample reader over a catalog's shards (one per loader worker).
 
-    def __init__(self, catalog: Catalog, max_open: int = 16):
+    Local shards: a few files kept open, one seek per sample. Remote shards (URLs): ranged GETs of each sample's
+    span through a :class:`~anima_ft.data.prefetch.SpanPrefetcher` of ``remote.prefetch_samples`` (call
+    :meth:`schedule` with the sample ids about to be read, in order), and the local shard cache when
+    ``remote.cache_dir`` is set. Both paths verify the member checksums and decode the same way (``decode_span``).
+    """
+
+    def __init__(self, catalog: Catalog, max_open: int = 16, remote: RemoteConfig | None = None):
         self.catalog = catalog
         self.max_open = max_open
-        self._files: OrderedDict[int, object] = OrderedDict()
+        self.remote = remote or RemoteConfig()
+        self.store = ObjectStore(self.remote)
+        self._files: OrderedDict[object, object] = OrderedDict()
+        self._prefetch: SpanPrefetcher | None = None
+        self._cache = (ShardCache(self.remote.cache_dir, int(self.remote.cache_max_gb * 2**30), self.store)
+                       if self.remote.cache_dir else None)
 
-    def _file(self, shard: int):
-        f = self._files.pop(shard, None)
+    def _file(self, key: object, path: str | Path):
+        f = self._files.pop(key, None)
         if f is None:
-            f = open(self.catalog.shard_paths[shard], "rb")
+            f = open(path, "rb")
             if len(self._files) >= self.max_open:
                 self._files.popitem(last=False)[1].close()
-        self._files[shard] = f
+        self._files[key] = f
         return f
+
+    def _fetch(self, shard: int, start: int, end: int) -> bytes:
+        return self.store.read_range(self.catalog.shard_paths[shard], start, end)
+
+    @property
+    def prefetcher(self) -> SpanPrefetcher:
+        """The span prefetcher (made on first use, in the process that reads)."""
+        if self._prefetch is None:
+            self._prefetch = SpanPrefetcher(self._fetch, self.remote.prefetch_samples)
+        return self._prefetch
+
+    def is_remote(self, shard: int) -> bool:
+        """Whether shard ``shard`` is read from object storage."""
+        return is_url(self.catalog.shard_paths[shard])
+
+    def schedule_entries(self, entries: list[dict]) -> None:
+        """Start fetching these entries' spans (remote shards only), to be read in this order."""
+        spans = [(e["shard"], *e["span"]) for e in entries if self.is_remote(e["shard"])]
+        if spans:
+            self.prefetcher.schedule(spans)
+
+    def schedule(self, sample_ids: list[int]) -> None:
+        """Start fetching these catalog samples (remote shards only), to be read in this order."""
+        table = self.catalog.table
+        shard_col, start_col, end_col = (COLUMNS.index(c) for c in ("shard", "span_start", "span_end"))
+        spans = [(int(table[i, shard_col]), int(table[i, start_col]), int(table[i, end_col])) for i in sample_ids]
+        spans = [sp for sp in spans if self.is_remote(sp[0])]
+        if spans:
+            self.prefetcher.schedule(spans)
+
+    @property
+    def scheduled(self) -> int:
+        """Remote spans scheduled and not yet read."""
+        return self._prefetch.scheduled if self._prefetch is not None else 0
 
     def read_entry(self, entry: dict) -> dict:
         """Decode one sample (see ``shard_format.decode_members``); raises ``SampleError``."""
+        shard = entry["shard"]
+        if not self.is_remote(shard):
+            try:
+                f = self._file(shard, self.catalog.shard_paths[shard])
+            except OSError as err:  # deleted or unreadable since the catalog was built
+                raise SampleError("unreadable_shard", str(err)) from err
+            return read_sample(f, entry, self.catalog.qwen_dim)
+        span = (shard, *entry["span"])
+        if self._cache is not None and not (self._prefetch and self._prefetch.is_next(span)):
+            sample = self._read_cached(entry)
+            if sample is not None:
+                return sample
         try:
-            f = self._file(entry["shard"])
-        except OSError as err:  # deleted or unreadable since the catalog was built
-            raise SampleError("unreadable_shard", str(err)) from err
-        return read_sample(f, entry, self.catalog.qwen_dim)
+            data = self.prefetcher.take(*span)
+        except RemoteReadError as err:
+            raise SampleError("remote_read_failed", str(err)) from err
+        except (FileNotFoundError, PermissionError) as err:
+            raise SampleError("unreadable_shard", redact(err)) from err
+        return decode_span(data, entry, self.catalog.qwen_dim)
+
+    def _read_cached(self, entry: dict) -> dict | None:
+        """The sample from the shard's local copy; None (and a copy started) when there is none yet."""
+        shard = entry["shard"]
+        url, tag, size = self.catalog.shard_paths[shard], self.catalog.shard_tags[shard], self.catalog.shard_bytes[shard]
+        path = self._cache.lookup(url, tag, size)
+        if path is None:
+            self._cache.request(url, tag, size)
+            return None
+        try:
+            sample = read_sample(self._file(("cache", shard), path), entry, self.catalog.qwen_dim)
+        except (OSError, SampleError) as err:
+            if isinstance(err, SampleError) and err.reason not in ("checksum_mismatch", "corrupt_member", "truncated"):
+                raise
+            stale = self._files.pop(("cache", shard), None)
+            if stale is not None:
+                stale.close()
+            self._cache.drop(url, tag)
+            return None
+        self.store.counters.add(cache_hits=1)
+        return sample
 
     def read(self, sample_id: int) -> dict:
         """Decode catalog sample ``sample_id``; raises ``SampleError``."""
         return self.read_entry(self.catalog.entry(sample_id))
 
+    def io_delta(self) -> dict[str, int]:
+        """Remote I/O counts since the last call (``object_store.IOCounters``)."""
+        return self.store.counters.delta()
+
     def close(self) -> None:
-        """Close every open shard file."""
+        """Close every open shard file and stop prefetching."""
         while self._files:
             self._files.popitem()[1].close()
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+        if self._cache is not None:
+            self._cache.close()

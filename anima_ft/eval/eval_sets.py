@@ -84,8 +84,10 @@ def collate_condition(sample: EvalSample, device: torch.device | str, dtype: tor
 
 
 def load_shard_eval_set(shards: str | Path | Sequence[str | Path], name: str = "eval",
-                        limit: int | None = None) -> list[EvalSample]:
-    """Read an eval set from ``anima-ft prepare`` shards (a directory, a glob, or a list of ``.tar`` paths).
+                        limit: int | None = None, remote=None) -> list[EvalSample]:
+    """Read an eval set from ``anima-ft prepare`` shards (a directory, a glob, or a list of ``.tar`` paths; any of
+    them may be a URL such as ``s3://bucket/eval/``, read with the loader's retries; ``remote`` is the
+    ``data.remote`` config, None = defaults).
 
     Every sample is decoded and checked once (``validate="full"``); broken samples are skipped with a warning by
     the shard reader. Samples are sorted by key so the set does not depend on shard order; ``limit`` keeps the first
@@ -94,10 +96,11 @@ def load_shard_eval_set(shards: str | Path | Sequence[str | Path], name: str = "
     from anima_ft.data.sources import ShardReader, SourceSpec, build_catalog  # owner of the on-disk format
 
     spec = [str(shards)] if isinstance(shards, (str, Path)) else [str(p) for p in shards]
-    catalog = build_catalog([SourceSpec(name, spec)], validate="full")
-    reader = ShardReader(catalog)
+    catalog = build_catalog([SourceSpec(name, spec)], validate="full", remote=remote)
+    reader = ShardReader(catalog, remote=remote)
     samples = []
     try:
+        reader.schedule(list(range(len(catalog))))
         for i in range(len(catalog)):
             rec = reader.read(i)
             samples.append(EvalSample(key=str(catalog.keys[i]), latents=rec["latent"].float(),
@@ -106,7 +109,7 @@ def load_shard_eval_set(shards: str | Path | Sequence[str | Path], name: str = "
     finally:
         reader.close()
     samples.sort(key=lambda s: s.key)
-    logger.info("eval set %r: %d samples from %s", name, len(samples), spec)
+    logger.info("eval set %r: %d samples from %s", name, len(samples), [str(p).split("?")[0] for p in spec])
     return samples[:limit] if limit else samples
 
 

@@ -1,0 +1,302 @@
+"""Shards named by URL (``s3://``, ``gs://``, ``https://``): one process's access to object storage through fsspec.
+
+Every request goes through :meth:`ObjectStore._call`, which retries transient errors and counts them:
+
+* **transient** (retried with exponential backoff and +-50% jitter, ``data.remote.max_attempts`` tries in all):
+  5xx answers and throttling (``SlowDown``, 429), connection resets and refusals, timeouts, truncated bodies
+  (a ranged read that returns fewer bytes than asked is ``short_read``), and any other error raised by the storage
+  stack (aiohttp, botocore, s3fs, gcsfs) that is not one of the permanent ones;
+* **permanent** (raised at once): missing objects (``FileNotFoundError``), denied access (``PermissionError``) and
+  other 4xx answers.
+
+The library's own retries are turned off (botocore ``total_max_attempts=1``, s3fs ``retries=1``) so that every
+failed HTTP request is seen, retried and counted here exactly once. A request that still fails is a
+:class:`RemoteReadError`; a bucket (or host) whose requests fail ``unreachable_after_failures`` times in a row,
+with no success in between, is :class:`StorageUnreachable` (a ``RuntimeError`` naming it).
+
+Credentials and endpoints come only from the storage library's standard environment and config files (for S3:
+``AWS_ACCESS_KEY_ID`` ..., ``AWS_ENDPOINT_URL``, ``~/.aws``); nothing here reads or logs them, and URLs are
+logged without user info or query strings (:func:`redact`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit
+
+from anima_ft.config.remote import RemoteConfig
+
+log = logging.getLogger(__name__)
+GLOB_CHARS = "*?["
+_STACK_MODULES = ("aiohttp", "botocore", "aiobotocore", "s3fs", "gcsfs", "fsspec", "urllib3", "requests", "google")
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_URL_SECRETS = re.compile(r"(\w+://)[^/@\s'\"]*@|(\w+://[^\s'\"?]*)\?[^\s'\"]*")
+
+
+def is_url(path: Any) -> bool:
+    """True for ``scheme://...`` paths other than ``file://`` (those are read through fsspec)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def redact(text: Any) -> str:
+    """``text`` with every URL's user info and query string removed (a presigned URL's signature, a password)."""
+    return _URL_SECRETS.sub(lambda m: m.group(1) or m.group(2) + "?<redacted>", str(text))
+
+
+def location(url: str) -> str:
+    """The bucket (``s3://bucket``) or host (``https://host:port``) of a URL: the unit that becomes unreachable."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
+
+
+class ShortRead(OSError):
+    """A ranged read returned fewer bytes than asked (a truncated body): transient."""
+
+
+class RemoteReadError(OSError):
+    """One request that still failed after all its tries."""
+
+
+class StorageUnreachable(RuntimeError):
+    """A bucket or host whose requests keep failing: training cannot go on with this source."""
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` (raised by the storage stack) is worth another try (module docstring)."""
+    if isinstance(err, (_PERMANENT, RemoteReadError)):
+        return False
+    status = getattr(err, "status", None) or getattr(err, "code", None)
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+        return False
+    if isinstance(err, (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError)):
+        return True
+    return type(err).__module__.split(".")[0] in _STACK_MODULES
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, ShortRead):
+        return "short_read"
+    if isinstance(err, (TimeoutError, asyncio.TimeoutError)) or "timeout" in type(err).__name__.lower():
+        return "timeout"
+    text = str(err)
+    if "SlowDown" in text or "429" in text or "reduce your request rate" in text:
+        return "throttled"
+    if isinstance(err, ConnectionError) or "connect" in type(err).__name__.lower() or "reset" in text.lower():
+        return "connection"
+    return "server_error" if isinstance(err, OSError) else type(err).__name__
+
+
+class IOCounters:
+    """Thread-safe counters of one process's remote I/O (``MixedStream.stats()["io"]``).
+
+    requests / bytes: successful requests and the bytes they returned; retries: failed tries that were retried,
+    by reason in ``retry_reasons``; failed_requests: requests that failed after every try; cache_hits: sample
+    reads served from the local shard cache; cache_fills: shards copied into it.
+    """
+
+    KEYS = ("requests", "bytes", "retries", "failed_requests", "cache_hits", "cache_fills")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.totals: Counter = Counter()
+        self._sent: Counter = Counter()
+
+    def add(self, **counts: int) -> None:
+        """Add to the named counters (``retry_reasons.X`` keys included)."""
+        with self._lock:
+            self.totals.update(counts)
+
+    def snapshot(self) -> Counter:
+        """A copy of the totals."""
+        with self._lock:
+            return Counter(self.totals)
+
+    def delta(self) -> dict[str, int]:
+        """The counts added since the last call (shipped with each batch from loader workers)."""
+        with self._lock:
+            out = self.totals - self._sent
+            self._sent = Counter(self.totals)
+        return dict(out)
+
+
+def io_summary(counts: Counter | dict) -> dict:
+    """Flat counter dict -> ``{"requests", "bytes", "retries", "failed_requests", "cache_hits", "cache_fills",
+    "retry_reasons": {reason: n}}``."""
+    out = {k: int(counts.get(k, 0)) for k in IOCounters.KEYS}
+    out["retry_reasons"] = {k.split(".", 1)[1]: int(v) for k, v in sorted(counts.items())
+                            if k.startswith("retry_reasons.") and v}
+    return out
+
+
+class ObjectStore:
+    """fsspec filesystems (one per protocol, created lazily in each process) plus retries, counters and the
+    unreachable-bucket rule of the module docstring."""
+
+    def __init__(self, options: RemoteConfig | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.options = options or RemoteConfig()
+        self.counters = IOCounters()
+        self._sleep = sleep
+        self._pid: int | None = None
+        self._fs: dict[str, Any] = {}
+        self._failures: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"options": self.options, "_sleep": self._sleep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["options"], state["_sleep"])
+
+    def filesystem(self, url: str) -> tuple[Any, str]:
+        """``(fsspec filesystem, path inside it)`` for ``url``; the filesystem is made once per process."""
+        import fsspec  # optional dependency: only URLs need it
+
+        protocol = url.split("://", 1)[0]
+        with self._lock:
+            if self._pid != os.getpid():  # a forked loader worker: the parent's event loop and sockets are gone
+                self._pid, self._fs, self._failures = os.getpid(), {}, Counter()
+            fs = self._fs.get(protocol)
+            if fs is None:
+                try:
+                    fs = self._fs[protocol] = self._make_fs(fsspec, protocol)
+                except (ImportError, ValueError) as err:
+                    raise RuntimeError(f"cannot open {protocol}:// URLs ({err}); install the optional storage "
+                                       "dependencies: pip install 'anima_ft[remote]'") from None
+        return fs, fs._strip_protocol(url) if protocol not in ("http", "https") else url
+
+    def _make_fs(self, fsspec, protocol: str):
+        timeout = self.options.request_timeout_s
+        if protocol in ("s3", "s3a"):
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, config_kwargs={
+                "retries": {"total_max_attempts": 1}, "connect_timeout": timeout, "read_timeout": timeout,
+                "max_pool_connections": max(10, 2 * self.options.prefetch_samples)})
+            fs.retries = 1  # s3fs's own retry loop: off, every try is made and counted by _call
+            return fs
+        if protocol in ("http", "https"):
+            import aiohttp
+
+            return fsspec.filesystem(protocol, skip_instance_cache=True, client_kwargs={
+                "timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)})
+        return fsspec.filesystem(protocol, skip_instance_cache=True)
+
+    def _call(self, what: str, url: str, fn: Callable[[], Any], expect_len: int | None = None) -> Any:
+        """Run ``fn`` with the retry policy; ``expect_len`` makes a shorter result a transient ``short_read``."""
+        opts, where = self.options, location(url)
+        last: BaseException | None = None
+        for attempt in range(1, opts.max_attempts + 1):
+            try:
+                out = fn()
+                if expect_len is not None and len(out) != expect_len:
+                    raise ShortRead(f"got {len(out)} of {expect_len} bytes")
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                last = err
+                if attempt == opts.max_attempts:
+                    break
+                self.counters.add(retries=1, **{f"retry_reasons.{_reason(err)}": 1})
+                wait = min(opts.retry_backoff_s * 2 ** (attempt - 1), opts.retry_backoff_max_s)
+                log.debug("%s %s failed (%s), try %d of %d in %.2fs", what, redact(url), redact(err), attempt + 1,
+                          opts.max_attempts, wait)
+                self._sleep(wait * random.uniform(0.5, 1.5))
+                continue
+            with self._lock:
+                self._failures[where] = 0
+            self.counters.add(requests=1, bytes=len(out) if isinstance(out, (bytes, bytearray)) else 0)
+            return out
+        self.counters.add(failed_requests=1)
+        with self._lock:
+            self._failures[where] += 1
+            failures = self._failures[where]
+        detail = f"{type(last).__name__}: {redact(last)}"
+        if failures >= opts.unreachable_after_failures:
+            raise StorageUnreachable(
+                f"{where} is unreachable: {failures} requests in a row failed after {opts.max_attempts} tries each "
+                f"(last: {what} {redact(url)}: {detail}); check the endpoint, the network and the credentials in "
+                "the storage library's environment (for S3: AWS_* variables, AWS_ENDPOINT_URL, ~/.aws)")
+        raise RemoteReadError(f"{what} {redact(url)} failed after {opts.max_attempts} tries: {detail}")
+
+    def read_range(self, url: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of an object with one ranged GET (retried)."""
+        fs, path = self.filesystem(url)
+        return self._call("GET range", url, lambda: fs.cat_file(path, start=start, end=end), expect_len=end - start)
+
+    def read_bytes(self, url: str) -> bytes:
+        """A whole (small) object, e.g. a shard index."""
+        fs, path = self.filesystem(url)
+        return self._call("GET", url, lambda: fs.cat_file(path))
+
+    def size(self, url: str) -> int:
+        """An object's size in bytes; ``FileNotFoundError`` when it does not exist."""
+        fs, path = self.filesystem(url)
+        return int(self._call("HEAD", url, lambda: fs.info(path)["size"]))
+
+    def exists(self, url: str) -> bool:
+        """Whether the object exists (transient errors are retried, never read as "missing")."""
+        try:
+            self.size(url)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def glob(self, pattern: str) -> list[str]:
+        """Object URLs matching a glob (``s3://bucket/shards/*.tar``); a plain prefix lists that "directory"."""
+        fs, path = self.filesystem(pattern)
+        protocol = pattern.split("://", 1)[0]
+        fs.invalidate_cache()
+        if any(c in path for c in GLOB_CHARS):
+            found = self._call("LIST", pattern, lambda: fs.glob(path))
+        else:
+            found = self._call("LIST", pattern, lambda: fs.ls(path.rstrip("/"), detail=False))
+        if protocol in ("http", "https"):
+            return sorted(found)
+        return sorted(f"{protocol}://{p}" for p in found)
+
+    def read_many(self, urls: list[str], fn: Callable[[str], Any], max_workers: int = 16) -> list[Any]:
+        """``[fn(url) or the exception it raised]`` for every url, run concurrently (order kept)."""
+        def safe(url):
+            try:
+                return fn(url)
+            except Exception as err:  # returned, so the caller decides per url (skip, or a named error)
+                return err
+
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(urls)))) as pool:
+            return list(pool.map(safe, urls))
+
+    def get_file(self, url: str, local_path: str, size: int) -> None:
+        """Copy an object to a local file (streamed, retried); a copy of the wrong size is an ``OSError``."""
+        fs, path = self.filesystem(url)
+
+        def get():
+            fs.get_file(path, local_path)
+            got = os.path.getsize(local_path)
+            if got != size:
+                raise ShortRead(f"copied {got} of {size} bytes")
+
+        self._call("GET file", url, get)
+
+    def put_file(self, local_path: str, url: str) -> None:
+        """Upload a local file to ``url`` (retried); checks the stored object's size afterwards."""
+        fs, path = self.filesystem(url)
+        want = os.path.getsize(local_path)
+
+        def put():
+            fs.put_file(local_path, path)
+            fs.invalidate_cache()
+            got = fs.info(path)["size"]
+            if got != want:
+                raise ShortRead(f"stored {got} of {want} bytes")
+
+        self._call("PUT", url, put)
