@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 GLOB_CHARS = "*?["
 _STACK_MODULES = ("aiohttp", "botocore", "aiobotocore", "s3fs", "gcsfs", "fsspec", "urllib3", "requests", "google")
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-_URL_SECRETS = re.compile(r"(\w+://)[^/@\s'\"]*@|(\w+://[^\s'\"?]*)\?[^\s'\"]*")
+_URL_USERINFO = re.compile(r"(\w+://)[^/@\s'\"]*@")
+_URL_QUERY = re.compile(r"(\w+://[^\s'\"?]*)\?[^\s'\"]*")
 
 
 def is_url(path: Any) -> bool:
@@ -51,7 +52,7 @@ def is_url(path: Any) -> bool:
 
 def redact(text: Any) -> str:
     """``text`` with every URL's user info and query string removed (a presigned URL's signature, a password)."""
-    return _URL_SECRETS.sub(lambda m: m.group(1) or m.group(2) + "?<redacted>", str(text))
+    return _URL_QUERY.sub(r"\1?<redacted>", _URL_USERINFO.sub(r"\1", str(text)))
 
 
 def location(url: str) -> str:

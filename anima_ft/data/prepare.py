@@ -4,6 +4,8 @@ Inputs are folders of images with sidecar ``.txt`` captions, or webdataset tars 
 ``png``/``webp`` with ``txt`` or ``json`` holding ``caption``/``text``). Work is cut into units (a folder's sorted
 images in chunks of ``shard_size``; one unit per input tar); unit u is done by rank ``u % world_size`` and becomes
 ``out_dir/UNIT.tar`` (+ index). A unit whose index already exists with the same fingerprint is skipped (resume).
+``out_dir`` may be a URL (``s3://bucket/shards``): each shard is then written to a local staging directory and
+uploaded, the index last (``shard_upload.py``), and resume looks for the index in the store.
 
 Nothing about one bad input stops the run: every dropped input is counted under a named reason (first examples kept)
 in its shard's index, and ``prepare_summary.json`` aggregates every finished shard's counts in ``out_dir``:
@@ -41,6 +43,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from anima_ft.data.buckets import make_buckets, nearest_bucket, resize_and_crop
+from anima_ft.data.object_store import is_url
 from anima_ft.data.shard_format import (
     EncodedSample,
     ShardWriter,
@@ -48,6 +51,7 @@ from anima_ft.data.shard_format import (
     index_path_for,
     make_fingerprint,
 )
+from anima_ft.data.shard_upload import RemoteOutput
 from anima_ft.runtime import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -96,6 +100,7 @@ class PrepareConfig:
     rank: int = 0
     world_size: int = 1
     progress: bool = True
+    staging_dir: str = ""  # with a URL out_dir: where shards are written before upload ("" = a new temp directory)
 
 
 @dataclass
@@ -311,40 +316,55 @@ class _Encoder:
 
 
 def prepare_shards(inputs: list[str], vae: LatentEncoder, text_encoder: CaptionEncoder, cfg: PrepareConfig) -> dict:
-    """Encode this rank's units of ``inputs`` into ``cfg.out_dir``; returns the summary over all finished shards."""
+    """Encode this rank's units of ``inputs`` into ``cfg.out_dir`` (a directory or a URL); returns the summary over
+    all finished shards."""
     check_prepare_config(cfg)
-    out_dir = Path(cfg.out_dir)
+    remote = RemoteOutput(cfg.out_dir, cfg.staging_dir) if is_url(cfg.out_dir) else None
+    out_dir = remote.staging if remote else Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     buckets = make_buckets(cfg.bucket_area, 16, cfg.bucket_width_step, cfg.min_ar, cfg.max_ar)
     fingerprint = make_fingerprint(vae.fingerprint(), text_encoder.fingerprint())
     fp_hash = fingerprint_hash(fingerprint)
     units = list_units(inputs, cfg.shard_size)[cfg.rank :: cfg.world_size]
     bar = tqdm(units, desc=f"prepare rank {cfg.rank}", disable=not cfg.progress, unit="shard")
-    for unit in bar:
-        tar_path = out_dir / f"{unit.name}.tar"
-        if index_path_for(tar_path).exists():
-            done = json.loads(index_path_for(tar_path).read_text())
-            if done.get("fingerprint_hash") != fp_hash:
-                raise ValueError(f"{tar_path} exists with encoder fingerprint {done.get('fingerprint_hash', '?')[:12]}"
-                                 f", this run's is {fp_hash[:12]}; write to a new --out or delete the old shards")
-            continue  # finished earlier: resume skips it
-        with ShardWriter(tar_path, fingerprint) as writer:
-            enc = _Encoder(writer, vae, text_encoder, cfg, unit.name)
-            for item in iter_unit(unit, enc.counts):
-                enc.add(item, buckets)
-            for bucket in list(enc.pending):
-                enc.flush(bucket)
-            writer.commit(skipped={**enc.counts, "examples": enc.examples})
-        bar.set_postfix(samples=enc.written)
-    return write_summary(out_dir)
+    try:
+        for unit in bar:
+            tar_path = out_dir / f"{unit.name}.tar"
+            if remote:
+                done = remote.finished_index(unit.name)
+            else:
+                done = json.loads(index_path_for(tar_path).read_text()) if index_path_for(tar_path).exists() else None
+            if done is not None:
+                if done.get("fingerprint_hash") != fp_hash:
+                    where = remote.url_for(tar_path.name) if remote else tar_path
+                    raise ValueError(f"{where} exists with encoder fingerprint "
+                                     f"{done.get('fingerprint_hash', '?')[:12]}, this run's is {fp_hash[:12]}; write "
+                                     "to a new --out or delete the old shards")
+                continue  # finished earlier: resume skips it
+            with ShardWriter(tar_path, fingerprint) as writer:
+                enc = _Encoder(writer, vae, text_encoder, cfg, unit.name)
+                for item in iter_unit(unit, enc.counts):
+                    enc.add(item, buckets)
+                for bucket in list(enc.pending):
+                    enc.flush(bucket)
+                writer.commit(skipped={**enc.counts, "examples": enc.examples})
+            if remote:
+                remote.publish(tar_path)
+            bar.set_postfix(samples=enc.written)
+        if remote:
+            summary = summarize(remote.indices())
+            remote.put_json("prepare_summary.json", summary)
+            return summary
+        return write_summary(out_dir)
+    finally:
+        if remote:
+            remote.close()
 
 
-def write_summary(out_dir: str | Path) -> dict:
-    """Aggregate every finished shard index in ``out_dir`` into ``prepare_summary.json`` (and return it)."""
-    out_dir = Path(out_dir)
+def summarize(indices: list[dict]) -> dict:
+    """Aggregate finished shard indices into the ``prepare_summary.json`` content."""
     summary = {"shards": 0, "samples": 0, "counts": Counter(), "buckets": Counter(), "examples": {}}
-    for ipath in sorted(out_dir.glob("*.index.json")):
-        index = json.loads(ipath.read_text())
+    for index in indices:
         summary["shards"] += 1
         summary["samples"] += index["num_samples"]
         summary["buckets"].update(index["buckets"])
@@ -352,6 +372,12 @@ def write_summary(out_dir: str | Path) -> dict:
         for reason, examples in skipped.pop("examples", {}).items():
             summary["examples"].setdefault(reason, []).extend(examples[: MAX_EXAMPLES - len(summary["examples"].get(reason, []))])
         summary["counts"].update(skipped)
-    summary = {**summary, "counts": dict(summary["counts"]), "buckets": dict(summary["buckets"])}
+    return {**summary, "counts": dict(summary["counts"]), "buckets": dict(summary["buckets"])}
+
+
+def write_summary(out_dir: str | Path) -> dict:
+    """Aggregate every finished shard index in ``out_dir`` into ``prepare_summary.json`` (and return it)."""
+    out_dir = Path(out_dir)
+    summary = summarize([json.loads(p.read_text()) for p in sorted(out_dir.glob("*.index.json"))])
     write_json_atomic(out_dir / "prepare_summary.json", summary)
     return summary

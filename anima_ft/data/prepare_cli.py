@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (kept separate so tests can read the defaults)."""
     p = argparse.ArgumentParser(prog="anima-ft prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="image folders (sidecar .txt captions) and/or img2dataset .tar files")
-    p.add_argument("--out", required=True, help="output directory for NAME.tar + NAME.index.json shards")
+    p.add_argument("--out", required=True, help="output directory for NAME.tar + NAME.index.json shards, or a URL "
+                   "(s3://bucket/prefix, gs://...): shards are then written locally and uploaded, the index last; "
+                   "credentials and endpoint from the storage library's environment (AWS_*, AWS_ENDPOINT_URL)")
+    p.add_argument("--staging-dir", default="", help="with a URL --out: local directory for shards before upload "
+                   "(default: a new temporary directory, removed at the end)")
     p.add_argument("--vae", help="Qwen-Image VAE: official single .safetensors file or a diffusers directory")
     p.add_argument("--qwen", help="Qwen3-0.6B-Base: single .safetensors file (+ --qwen-config) or an HF directory")
     p.add_argument("--qwen-config", help="config.json for a single-file --qwen (default: beside it / tokenizer dir)")
@@ -75,7 +79,7 @@ def main(argv: list[str]) -> int:
                         min_ar=args.min_ar, max_ar=args.max_ar, max_crop_fraction=args.max_crop_fraction,
                         max_input_pixels=args.max_input_pixels, shard_size=args.shard_size,
                         batch_size=args.batch_size, source_name=args.source_name, rank=args.rank,
-                        world_size=args.world_size, progress=not args.no_progress)
+                        world_size=args.world_size, progress=not args.no_progress, staging_dir=args.staging_dir)
     summary = prepare_shards(args.inputs, vae, text, cfg)
     log.info("prepare rank %d done: %d samples in %d shards so far, counts %s (summary: %s/prepare_summary.json)",
              args.rank, summary["samples"], summary["shards"], summary["counts"], args.out)

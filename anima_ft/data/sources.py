@@ -68,6 +68,8 @@ def _discover_remote(pattern: str, store: ObjectStore) -> set[str]:
         listed = store.glob(pattern)
     except FileNotFoundError:
         return set()
+    except RemoteReadError as err:
+        raise RuntimeError(f"cannot list {redact(pattern)} ({err}); check the store and run again") from err
     found = {u for u in listed if u.endswith(".tar")}
     if not any(c in pattern for c in GLOB_CHARS):  # a "directory": a lost tar is named by its index
         found.update(u[: -len(".index.json")] + ".tar" for u in listed if u.endswith(".index.json"))
@@ -377,8 +379,9 @@ class ShardReader:
                 raise SampleError("unreadable_shard", str(err)) from err
             return read_sample(f, entry, self.catalog.qwen_dim)
         span = (shard, *entry["span"])
-        if self._cache is not None and not (self._prefetch and self._prefetch.is_next(span)):
-            sample = self._read_cached(entry)
+        if self._cache is not None:
+            prefetched = self._prefetch is not None and self._prefetch.is_next(span)
+            sample = self._read_cached(entry, copy_only=prefetched)
             if sample is not None:
                 return sample
         try:
@@ -389,13 +392,16 @@ class ShardReader:
             raise SampleError("unreadable_shard", redact(err)) from err
         return decode_span(data, entry, self.catalog.qwen_dim)
 
-    def _read_cached(self, entry: dict) -> dict | None:
-        """The sample from the shard's local copy; None (and a copy started) when there is none yet."""
+    def _read_cached(self, entry: dict, copy_only: bool = False) -> dict | None:
+        """The sample from the shard's local copy; None (and a copy started) when there is none yet, or when
+        ``copy_only`` (its bytes are already being prefetched)."""
         shard = entry["shard"]
         url, tag, size = self.catalog.shard_paths[shard], self.catalog.shard_tags[shard], self.catalog.shard_bytes[shard]
         path = self._cache.lookup(url, tag, size)
         if path is None:
             self._cache.request(url, tag, size)
+            return None
+        if copy_only:
             return None
         try:
             sample = read_sample(self._file(("cache", shard), path), entry, self.catalog.qwen_dim)
