@@ -20,6 +20,8 @@ from .schema import Config
 def _check_pattern(key: str, pattern: str) -> None:
     if not str(pattern).strip():
         raise ValueError(f"{key}={pattern!r} is empty; give a shard directory, glob or .tar path")
+    if "://" in str(pattern):  # a URL: data/preflight.py checks remote shards through the object store
+        return
     if not (Path(pattern).exists() or glob.glob(str(pattern))):
         raise ValueError(f"{key}={pattern!r} matches nothing on disk; give a directory, glob or .tar path of shards "
                          "written by `anima-ft prepare`")

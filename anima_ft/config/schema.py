@@ -11,6 +11,7 @@ from typing import Any
 
 from .distill import DistillConfig
 from .fields import SEED_MAX, bounded, one_of, seed_field
+from .remote import RemoteConfig
 
 PARAM_GROUPS = ("base", "self_attn", "cross_attn", "mlp", "mod", "llm_adapter")
 ATTENTION_BACKENDS = ("sdpa", "reference", "triton")
@@ -112,6 +113,9 @@ class DataConfig:
     """Synthetic latent height = width (pixels / 8)."""
     synthetic_num_tokens: int = bounded(8, 1)
     """Synthetic caption length in Qwen and T5 tokens."""
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    """Reading shards named by URL (s3://, gs://, https://): prefetch, retries, local shard cache
+    (docs/data.md#shards-in-object-storage)."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from .deepspeed_json import check_overrides
 from .distill import validate_distill
 from .fields import check_fields
 from .inputs import check_paths
+from .remote import check_remote
 from .schema import PARAM_GROUPS, Config
 
 
@@ -43,6 +44,7 @@ def validate(cfg: Config, world_size: int, check_files: bool = True) -> None:
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
     check_fields(cfg, "")
+    check_remote(cfg.data.remote)
     if not cfg.run.dir.strip():
         raise ValueError(f"run.dir={cfg.run.dir!r} is empty; give the run directory (checkpoints and metrics go there)")
     b = cfg.batch

@@ -51,7 +51,8 @@ def build_eval_hooks(cfg, model: nn.Module, run_dir: str | Path, device: torch.d
     e = cfg.eval
     probe = None
     if e.sets and e.probe_every_steps > 0:
-        sets = {s.name: load_shard_eval_set(s.path, name=s.name, limit=e.max_samples_per_set or None) for s in e.sets}
+        sets = {s.name: load_shard_eval_set(s.path, name=s.name, limit=e.max_samples_per_set or None,
+                                           remote=cfg.data.remote) for s in e.sets}
         probe = ProbeRunner(sets, list(e.sigmas), e.num_noises, e.seed, every_steps=e.probe_every_steps,
                             log_path=Path(run_dir) / "probe.jsonl")
     budget = None

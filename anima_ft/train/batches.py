@@ -121,4 +121,5 @@ def build_stream(cfg: Config, qwen_dim: int, dp_rank: int, dp_world_size: int):
     specs = [SourceSpec(s.name, list(s.shards), s.weight) for s in d.sources]
     return MixedStream(specs, micro_batch_size=b.micro_batch_size, grad_accum_steps=b.grad_accum_steps,
                        dp_rank=dp_rank, dp_world_size=dp_world_size, num_workers=d.num_workers, seed=cfg.run.seed,
-                       caption_dropout=d.caption_dropout, expected_fingerprint=d.expected_fingerprint or None)
+                       caption_dropout=d.caption_dropout, expected_fingerprint=d.expected_fingerprint or None,
+                       remote=d.remote)

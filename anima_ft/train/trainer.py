@@ -229,6 +229,9 @@ class Trainer:
         peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
         row["peak_mem_gb"] = peak / 2**30
+        stats = self.stream.stats()  # this rank's counters: skipped samples by reason, remote I/O (URL shards)
+        row.update({f"data/skipped/{reason}": n for reason, n in stats.get("skipped", {}).items()})
+        row.update({f"data/io_{k}": v for k, v in stats.get("io", {}).items() if isinstance(v, int)})
         return row
 
     # -- the loop ------------------------------------------------------------------------------------------------

@@ -167,6 +167,8 @@ stages:
     for s in (4, 5, 6):
         assert "loss/replay" in ref[s] and "loss/target" in ref[s]
         assert ref[s]["loss"] == pytest.approx((ref[s]["loss/replay"] + ref[s]["loss/target"]) / 2, rel=1e-9)
+    # the loader's counters reach metrics.jsonl: no skips in clean shards, no remote requests for local ones
+    assert not [k for k in ref[6] if k.startswith("data/skipped/")] and ref[6]["data/io_requests"] == 0
     args = ["--config", str(recipe), f"run.dir={runs['killed']}", *sources]
     rc, out, _ = launch(args, env={"ANIMA_FT_FAULT": "kill:4:0"})
     assert rc != 0
