@@ -8,8 +8,9 @@
 ``precompute`` reads ``anima-ft prepare`` shards, runs the frozen teacher once per sample at K fixed (sigma, noise)
 draws and writes the velocity store that ``distill.teacher=precomputed`` trains from. Run one process per GPU with
 ``--rank``/``--world-size``: sample i (in key order) goes to rank i mod W; each rank writes its own index.
-``attribute`` prints the pairing table of :mod:`anima_ft.distill.attribution`. ``anima-ft distill lab ...`` runs the
-mini-lab's redistribution variant (:mod:`anima_ft.distill.lab_variant`).
+``attribute`` prints the pairing table of :mod:`anima_ft.distill.attribution`. The mini-lab's redistribution variant
+is part of ``anima-ft lab``: it trains through ``launch/train.py`` like the lab's other runs
+(:mod:`anima_ft.lab.redistribution`).
 """
 
 from __future__ import annotations
@@ -92,9 +93,9 @@ def main(argv: list[str]) -> int:
     from anima_ft.eval.probe_inputs import add_probe_args
 
     if argv[:1] == ["lab"]:
-        from .lab_variant import main as lab_main
-
-        return lab_main(argv[1:])
+        raise ValueError("`anima-ft distill lab` is gone: the redistribution variant now trains through "
+                         "launch/train.py as part of `anima-ft lab` (rerun only it with `anima-ft lab --out LAB_DIR "
+                         "--reuse-runs [--distill-recipe RECIPE]`)")
     ap = argparse.ArgumentParser(prog="anima-ft distill", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("precompute", help="write teacher velocities at fixed (sigma, noise) per sample")

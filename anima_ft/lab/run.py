@@ -8,6 +8,9 @@
    adapter frozen for the first stage. The fixed-sigma probe runs on held-out images of the replay classes and of
    the target classes at step 0 and every ``eval.probe_every_steps`` steps.
 4. drift of adapter and DiT groups against the base, sample grids decoded by the codec, and ``report.md``.
+5. the redistribution variant (:mod:`anima_ft.lab.redistribution`, recipe ``configs/distill/lab_redistribute.yaml``):
+   the base distilled into its own DiT with a re-initialized adapter by the same trainer, measured on its export;
+   its section is appended to ``report.md``.
 
 Deterministic for a seed; a second run with the same data settings reuses the prepared shards.
 """
@@ -57,6 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-distill", action="store_true",
                     help="skip the redistribution variant (distill the base into its DiT with a re-initialized "
                          "adapter, anima_ft/distill) that otherwise runs after the fine-tunes")
+    ap.add_argument("--distill-recipe", type=Path, default=pipeline.REPO_ROOT / "configs" / "distill" /
+                    "lab_redistribute.yaml", help="recipe of the redistribution variant (with --reuse-runs, a changed "
+                    "recipe reruns only this variant)")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="skip training runs whose directory holds a finished run of the same command (for iterating "
                          "on the report); off by default: every run trains afresh")
@@ -122,6 +128,35 @@ def train_base(args: argparse.Namespace, out: Path, preset: dict, sources: list[
                                     args.reuse_runs)
 
 
+def from_base_overrides(args: argparse.Namespace, out: Path, preset: dict, sources: list[str],
+                        config: Path) -> list[str]:
+    """Dotlist of a run that starts from the base model: shard paths, seeds, init path, probe interval, steps."""
+    return [*sources, f"run.seed={args.seed}", f"model.init_path={out / 'base.safetensors'}",
+            f"eval.probe_every_steps={preset['probe_every']}", f"eval.seed={args.seed}",
+            *stage_overrides(config, preset["finetune_steps"])]
+
+
+def run_redistribution(args: argparse.Namespace, out: Path, preset: dict, sources: list[str],
+                       probe_sets: dict[str, Path], finals: dict[str, Path], timings: dict) -> Path:
+    """The redistribution variant (:mod:`anima_ft.lab.redistribution`): ``deepspeed launch/train.py`` with
+    ``--distill-recipe`` from the base, export, then the measurements on the export; returns its markdown."""
+    from anima_ft.lab import redistribution
+
+    run_dir = out / f"ft_{redistribution.NAME}"
+    export = out / f"{redistribution.NAME}.safetensors"
+    # probed at the start (base DiT + re-initialized adapter) and the end only: the report has no curve
+    overrides = [*from_base_overrides(args, out, preset, sources, args.distill_recipe),
+                 f"eval.probe_every_steps={preset['finetune_steps']}"]
+    seconds = pipeline.launch_training(args.distill_recipe, run_dir, overrides, args.nproc, probe_sets, export,
+                                       args.reuse_runs)
+    timings["redistribution variant (deepspeed, with probe)"] = seconds
+    t0 = time.perf_counter()
+    references = {f"{name} fine-tune": path for name, path in finals.items() if name == "no_replay"}
+    result = redistribution.measure(out, run_dir, export, probe_sets, references)
+    timings["redistribution measurements"] = time.perf_counter() - t0
+    return redistribution.write_markdown(result, run_dir, args.nproc, seconds)
+
+
 def train_variants(args: argparse.Namespace, out: Path, preset: dict, sources: list[str], variants: list[str],
                    probe_sets: dict[str, Path], timings: dict) -> tuple[dict[str, Path], list[VariantResult], dict]:
     """Every fine-tune from the base, with the probe; returns ``(exports, results, failed {name: error})``.
@@ -132,13 +167,10 @@ def train_variants(args: argparse.Namespace, out: Path, preset: dict, sources: l
     for name in variants:
         recipe, description = VARIANTS[name]
         config = args.configs / recipe
-        overrides = [*sources, f"run.seed={args.seed}", f"model.init_path={out / 'base.safetensors'}",
-                     f"eval.probe_every_steps={preset['probe_every']}", f"eval.seed={args.seed}",
-                     *stage_overrides(config, preset["finetune_steps"])]
         export = out / f"{name}.safetensors"
         try:
-            seconds = pipeline.launch_training(config, out / f"ft_{name}", overrides, args.nproc, probe_sets, export,
-                                               args.reuse_runs)
+            seconds = pipeline.launch_training(config, out / f"ft_{name}", from_base_overrides(args, out, preset,
+                                               sources, config), args.nproc, probe_sets, export, args.reuse_runs)
         except RuntimeError as err:
             logger.error("variant %s failed: %s", name, err)
             failed[name] = str(err)
@@ -193,13 +225,11 @@ def main(argv: list[str]) -> int:
     timings["sample grids"] = time.perf_counter() - t0
     redistribution = None
     if not args.no_distill:
-        from anima_ft.distill.lab_variant import run as run_redistribution
-
-        t0 = time.perf_counter()
-        # pure distillation on replay images (target weight 0): isolates the move of knowledge into the DiT
-        redistribution = run_redistribution(out, out / "distill_reinit", preset["finetune_steps"], 16, 1e-3, 0.0,
-                                            1234, args.seed, target_weight=0.0)
-        timings["redistribution variant"] = time.perf_counter() - t0
+        try:
+            redistribution = run_redistribution(args, out, preset, sources, probe_sets, finals, timings)
+        except RuntimeError as err:
+            logger.error("the redistribution variant failed: %s", err)
+            failed["redistribute"] = str(err)
     timings["total"] = time.perf_counter() - t_start
 
     first_probe = read_probe_log(out / f"ft_{results[0].name}" / "probe.jsonl")[0]
@@ -209,7 +239,8 @@ def main(argv: list[str]) -> int:
         "drift_groups": ["llm_adapter", "adapter_blocks", "adapter_embed", "dit", *pipeline.DIT_KINDS],
         "setup": setup_lines(args, preset, target, data["counts"]), "timings": timings, "failed": failed,
         "grids": {k: str(Path(p).relative_to(out)) for k, p in samples["grids"].items()},
-        "configs": {"base": "pretrain/config.yaml", **{v.name: f"ft_{v.name}/config.yaml" for v in results}},
+        "configs": {"base": "pretrain/config.yaml", **{v.name: f"ft_{v.name}/config.yaml" for v in results},
+                    **({"redistribute": "ft_redistribute/config.yaml"} if redistribution else {})},
         "sample_accuracy": samples["accuracy"],
     }
     summary = {"meta": meta, "settings": preset, "data": data,

@@ -1,4 +1,4 @@
-"""``anima-ft distill precompute|attribute|lab`` on tiny prepare shards, and the trainer-side ``build_distill``."""
+"""``anima-ft distill precompute|attribute`` on tiny prepare shards, and the trainer-side ``build_distill``."""
 
 from __future__ import annotations
 
@@ -92,28 +92,32 @@ def test_build_distill_random_init_copies_the_student_before_reinit():
 @pytest.fixture(scope="module")
 def lab_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
-    data = CaptionData()
-    shards = root / "data" / "shards"
-    _write_shards(shards / "target_train", data, [0, 1], [0, 1, 2, 3], "target")
-    _write_shards(shards / "replay_train", data, [2, 3], [0, 1, 2, 3], "replay")
-    _write_shards(shards / "target_probe", data, [0, 1], [6], "target")
-    _write_shards(shards / "replay_probe", data, [2, 3], [6, 7], "replay")
+    _write_shards(root / "data" / "shards" / "replay_probe", CaptionData(), [2, 3], [6, 7], "replay")
     save_anima(tiny_model(0), root / "base.safetensors")
     return root
 
 
-def test_lab_variant_and_attribute_cli(lab_dir, tmp_path, capsys):
-    assert main(["lab", "--lab-dir", str(lab_dir), "--out", str(tmp_path / "v"), "--steps", "3",
-                 "--batch-size", "4"]) == 0
-    text = (tmp_path / "v" / "redistribution.md").read_text()
-    result = json.loads((tmp_path / "v" / "result.json").read_text())
-    assert len(result["losses"]) == 3 and set(result["sets"]) == {"replay_classes", "target_classes"}
-    for name, red in result["sets"].items():
-        assert f"### {name}" in text
-        assert len(red["shift"]) == 4
+def test_attribute_cli_golden_pairings(lab_dir, tmp_path):
+    """A student whose DiT is the teacher's and whose adapter is re-initialized: the re-init pairings of both DiTs
+    are the same model (shift exactly 0) and the student DiT with the teacher's adapter is the teacher (gap 0)."""
+    from anima_ft.distill import prepare_student
+
+    student = load_anima(lab_dir / "base.safetensors", dtype=torch.float32)
+    prepare_student(student, DistillConfig(enabled=True, adapter_source="reinit", reinit_seed=1234))
+    save_anima(student, tmp_path / "student.safetensors")
     assert main(["attribute", "--teacher", str(lab_dir / "base.safetensors"), "--student",
-                 str(tmp_path / "v" / "distilled.safetensors"), "--eval-set",
+                 str(tmp_path / "student.safetensors"), "--eval-set",
                  f"replay={lab_dir / 'data' / 'shards' / 'replay_probe'}", "--sigmas", "0.5", "--num-noises", "2",
                  "--dtype", "fp32", "--device", "cpu", "--reinit-seed", "1234", "--out-dir", str(tmp_path / "a")]) == 0
-    table = (tmp_path / "a" / "redistribution.md").read_text()
-    assert "student DiT + re-init adapter (after)" in table and "shift" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1].rstrip(" |")
+            for line in (tmp_path / "a" / "redistribution.md").read_text().splitlines() if line.startswith("| ")}
+    assert rows["shift = 1 - after/before"] == "+0.000"
+    assert rows["student DiT + teacher adapter"] == "0.000e+00 (0.0%)"
+    assert rows["teacher DiT + re-init adapter (before)"] == rows["student DiT + re-init adapter (after)"]
+    assert float(rows["teacher DiT + re-init adapter (before)"].split()[0]) > 0
+
+
+def test_distill_lab_points_to_the_lab(capsys):
+    """The redistribution variant moved into ``anima-ft lab`` (it trains through launch/train.py there)."""
+    assert main(["lab", "--lab-dir", "runs/lab"]) == 2
+    assert "anima-ft lab --out LAB_DIR --reuse-runs" in capsys.readouterr().err

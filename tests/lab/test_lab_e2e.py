@@ -1,6 +1,7 @@
 """End to end: ``anima-ft lab --quick`` (prepare, deepspeed with 2 CPU ranks and ZeRO-2, probe, export, drift,
-grids, report), then every number of report.md is checked against the run's own files, recomputed here; a second run
-reuses the prepared shards and reproduces the base model and the probe bit for bit."""
+grids, the redistribution variant through the same trainer, report), then every number of report.md is checked
+against the run's own files, recomputed here; a second run reuses the prepared shards and reproduces the base model
+and the probe bit for bit."""
 
 from __future__ import annotations
 
@@ -117,12 +118,75 @@ def test_drift_table_matches_checkpoints(lab_dir):
     assert rows[("adapter_frozen_first", "llm_adapter")] < rows[("no_replay", "llm_adapter")]
 
 
+def _close(a, b, rel: float) -> bool:
+    return all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+
+
+def test_redistribution_section_matches_the_trainer_run_and_its_export(lab_dir):
+    from anima_ft.config import load_config
+    from anima_ft.distill import load_teacher
+    from anima_ft.distill.attribution import redistribution, redistribution_table, reinit_adapter
+    from anima_ft.eval.eval_sets import load_shard_eval_set
+    from anima_ft.eval.probe import evaluate_sets
+    from anima_ft.lab.redistribution import flow_probe_table
+
+    run = lab_dir / "ft_redistribute"
+    section = (lab_dir / "report.md").read_text().split("\n## Redistribution variant", 1)[1]
+    result = json.loads((run / "redistribution.json").read_text())
+    cfg = load_config(run / "config.yaml")
+    assert cfg.distill.enabled and cfg.distill.adapter_source == "reinit" and cfg.optim.lr.llm_adapter == 0
+    assert "launch/train.py" in (run / "command.txt").read_text()
+    # the export: the base's DiT moved, the adapter is exactly the seeded re-initialized one (LR 0: never trained)
+    base, student = load_file(str(lab_dir / "base.safetensors")), load_file(str(lab_dir / "redistribute.safetensors"))
+    teacher = load_teacher(str(lab_dir / "base.safetensors"), dtype=torch.float32)
+    fresh = reinit_adapter(teacher, cfg.distill.reinit_seed).state_dict()
+    assert all(torch.equal(student[f"net.llm_adapter.{k}"], v.to(torch.bfloat16)) for k, v in fresh.items())
+    dit = [k for k in base if not k.startswith("net.llm_adapter.")]
+    assert sum(not torch.equal(student[k], base[k]) for k in dit) > len(dit) // 2
+    # training loss: every step of metrics.jsonl, replay (distill) samples only
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    steps = sum(st.num_steps for st in cfg.stages)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)) and steps == 20
+    assert all(r["loss"] == r["loss/replay"] for r in rows)
+    losses, k = [r["loss"] for r in rows], max(1, steps // 10)
+    assert f"first {k} steps {_mean(losses[:k]):.4f}, last {k} steps {_mean(losses[-k:]):.4f}; " in section
+    # teacher-gap tables: recomputed here from the exported files; the report prints redistribution.json's numbers
+    model = load_teacher(str(lab_dir / "redistribute.safetensors"), dtype=torch.float32)
+    refs = {"no_replay fine-tune": load_teacher(str(lab_dir / "no_replay.safetensors"), dtype=torch.float32)}
+    probes = {s: load_shard_eval_set(lab_dir / "data" / "shards" / f"{s.split('_')[0]}_probe", s) for s in SETS}
+    ev = cfg.eval
+    for s in SETS:
+        red = redistribution(teacher, model, probes[s], ev.sigmas, cfg.distill.reinit_seed, result["gap_num_noises"],
+                             ev.seed, refs)
+        got = result["sets"][s]
+        assert got["rows"].keys() == red["rows"].keys()
+        for name, row in red["rows"].items():
+            assert _close(got["rows"][name]["gap"], row["gap"], 1e-9) and _close(got["rows"][name]["rel"], row["rel"],
+                                                                                 1e-9), (s, name)
+        assert _close(got["shift"], red["shift"], 1e-7)
+        assert f"### {s} (held-out probe images)\n\n{redistribution_table(got)}\n" in section
+    assert f"{result['gap_num_noises']} fixed noises per image and sigma, exported checkpoint)" in section
+    # flow probe, base -> exported student: recomputed here; the base agrees with the fine-tunes' step-0 probe (same
+    # base model, sigmas, noises) and the student with its own run's last probe (the export is bf16-rounded)
+    probe_base, probe_student = (evaluate_sets(m, probes, ev.sigmas, ev.num_noises, ev.seed) for m in (teacher, model))
+    first, last = _probe_lines(lab_dir, "no_replay")[0], _probe_lines(lab_dir, "redistribute")[-1]
+    assert [rec["step"] for rec in _probe_lines(lab_dir, "redistribute")] == [0, steps]
+    for s in SETS:
+        assert _close(result["probe"][s]["base"], probe_base[s].mean(0).tolist(), 1e-9)
+        assert _close(result["probe"][s]["student"], probe_student[s].mean(0).tolist(), 1e-9)
+        step0 = [_mean(row[j] for row in first["per_image"][s]) for j in range(len(ev.sigmas))]
+        trained = [_mean(row[j] for row in last["per_image"][s]) for j in range(len(ev.sigmas))]
+        assert _close(result["probe"][s]["base"], step0, 1e-9)
+        assert _close(result["probe"][s]["student"], trained, 2e-3)
+    assert flow_probe_table(result) in section
+
+
 def test_report_lists_seed_configs_and_pictures(lab_dir):
     report = (lab_dir / "report.md").read_text()
     assert "Seed **0**" in report
     for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (lab_dir / rel).stat().st_size > 1000, rel
-    for variant in VARIANTS:
+    for variant in (*VARIANTS, "redistribute"):
         assert f"ft_{variant}/config.yaml" in report and (lab_dir / f"ft_{variant}" / "config.yaml").exists()
     with open(lab_dir / "grids" / "sample_accuracy.csv", newline="") as fh:
         acc = {(r["checkpoint"], r["prompts"]): (float(r["accuracy"]), int(r["num_samples"]))
@@ -139,7 +203,7 @@ def test_second_run_reuses_shards_and_is_deterministic(lab_dir, tmp_path):
     out.mkdir()
     shutil.copytree(lab_dir / "data", out / "data")
     before = {p: p.stat().st_mtime_ns for p in (out / "data" / "shards").rglob("*.tar")}
-    _lab(out, "--variants", "no_replay")
+    _lab(out, "--variants", "no_replay", "--no-distill")
     assert {p: p.stat().st_mtime_ns for p in (out / "data" / "shards").rglob("*.tar")} == before
     assert "prepare (reused shards)" in (out / "report.md").read_text()
     a, b = load_file(str(lab_dir / "base.safetensors")), load_file(str(out / "base.safetensors"))
