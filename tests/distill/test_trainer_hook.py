@@ -1,7 +1,5 @@
-"""The objective through the real ``Trainer`` (DeepSpeed ZeRO-2, one gloo rank), wired the way the README asks the
-trainer to wire it: ``build_distill`` between model build and engine build, the objective in place of
-``compute_loss``, ``set_stage`` on stage transitions. Until the trainer has the hook, the test patches those three
-points of ``anima_ft.train.trainer``.
+"""The distillation objective through the real ``Trainer`` (DeepSpeed ZeRO-2, one gloo rank) with ``distill.enabled``:
+``build_objective`` builds it once between model and engine, ``set_stage`` follows the stage transitions.
 
 Recipe: configs/tiny_cpu_staged.yaml (stage 1: adapter LR 0, stage 2: adapter trains), synthetic data (source
 ``synthetic``), adapter source ``reinit``: stage 1 distills into the DiT with the frozen re-initialized adapter, stage
@@ -35,10 +33,10 @@ def _configs(run_dir: str):
     cfg = load_config(REPO / "configs" / "tiny_cpu_staged.yaml",
                       [f"run.dir={run_dir}", "checkpoint.every_steps=0", "checkpoint.save_at_end=false",
                        "stages.0.num_steps=6", "stages.1.num_steps=2"])
-    dcfg = DistillConfig(enabled=True, adapter_source="reinit", reinit_seed=3,
-                         losses=[SourceLoss("synthetic", "distill", 1.0)],
-                         stages=[DistillStage(), DistillStage(adapter_source="reinit")])
-    return cfg, dcfg
+    cfg.distill = DistillConfig(enabled=True, adapter_source="reinit", reinit_seed=3,
+                                losses=[SourceLoss("synthetic", "distill", 1.0)],
+                                stages=[DistillStage(), DistillStage(adapter_source="reinit")])
+    return cfg
 
 
 def _worker(rank: int, port: int, run_dir: str) -> None:
@@ -46,26 +44,10 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
                       WORLD_SIZE="1", LOCAL_RANK="0", WANDB_MODE="disabled")
     torch.set_num_threads(1)
     import anima_ft.train.trainer as trainer_mod
-    from anima_ft.distill.build import build_distill
     from anima_ft.train.distributed import init_distributed
 
-    cfg, dcfg = _configs(run_dir)
+    cfg = _configs(run_dir)
     env = init_distributed("gloo", timeout_s=120)
-    hooks = {}
-    build_model, transition = trainer_mod.build_model, trainer_mod.transition
-
-    def build_model_with_teacher(c):
-        model = build_model(c)
-        hooks["objective"] = build_distill(c, dcfg, model, {}, env.device)
-        return model
-
-    def transition_and_stage(engine, model, c, old, new, ds):
-        hooks["objective"].set_stage(new.index)
-        return transition(engine, model, c, old, new, ds)
-
-    trainer_mod.build_model = build_model_with_teacher
-    trainer_mod.transition = transition_and_stage
-    trainer_mod.compute_loss = lambda engine, batch, gen, _ocfg: hooks["objective"](engine, batch, gen)
     try:
         assert trainer_mod.Trainer(cfg, env).train() == "done"
     finally:
@@ -75,10 +57,9 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
 @pytest.mark.slow
 def test_distill_through_the_trainer(tmp_path):
     """Step 1's logged loss equals the objective computed directly on the trainer's first batch and generator."""
-    from anima_ft.distill.build import build_distill
     from anima_ft.observability import read_metrics
     from anima_ft.train.batches import build_stream
-    from anima_ft.train.objective import noise_generator
+    from anima_ft.train.objective import build_objective, noise_generator
     from anima_ft.train.trainer import build_model
 
     mp.spawn(_worker, args=(_port(), str(tmp_path / "run")), nprocs=1, join=True)
@@ -87,9 +68,9 @@ def test_distill_through_the_trainer(tmp_path):
     assert all(m[s]["lr/llm_adapter"] == 0.0 for s in range(1, 7)) and m[8]["lr/llm_adapter"] > 0
     assert all(0 < m[s]["loss"] < 1 for s in m)
 
-    cfg, dcfg = _configs(str(tmp_path / "direct"))
+    cfg = _configs(str(tmp_path / "direct"))
     model = build_model(cfg)
-    objective = build_distill(cfg, dcfg, model, {}, "cpu")
+    objective = build_objective(cfg, model, {}, "cpu")
     batch = next(iter(build_stream(cfg, model.cfg.adapter.source_dim, 0, 1)))
     out = objective(model, batch, noise_generator(cfg.run.seed, 0, 0))
     assert m[1]["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
