@@ -1,6 +1,6 @@
 """The lab's redistribution variant: the base model distilled into its own DiT with a re-initialized adapter.
 
-It trains like every other lab run, ``deepspeed launch/train.py --config configs/distill/lab_redistribute.yaml``
+It trains like every other lab run, ``deepspeed launch/train.py --config configs/lab/redistribute.yaml``
 (:func:`anima_ft.lab.pipeline.launch_training`, then ``anima-ft export``), with the trainer's distillation hook
 (``distill.enabled``, :mod:`anima_ft.distill`)::
 

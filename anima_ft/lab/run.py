@@ -8,7 +8,7 @@
    adapter frozen for the first stage. The fixed-sigma probe runs on held-out images of the replay classes and of
    the target classes at step 0 and every ``eval.probe_every_steps`` steps.
 4. drift of adapter and DiT groups against the base, sample grids decoded by the codec, and ``report.md``.
-5. the redistribution variant (:mod:`anima_ft.lab.redistribution`, recipe ``configs/distill/lab_redistribute.yaml``):
+5. the redistribution variant (:mod:`anima_ft.lab.redistribution`, recipe ``configs/lab/redistribute.yaml``):
    the base distilled into its own DiT with a re-initialized adapter by the same trainer, measured on its export;
    its section is appended to ``report.md``.
 
@@ -60,9 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-distill", action="store_true",
                     help="skip the redistribution variant (distill the base into its DiT with a re-initialized "
                          "adapter, anima_ft/distill) that otherwise runs after the fine-tunes")
-    ap.add_argument("--distill-recipe", type=Path, default=pipeline.REPO_ROOT / "configs" / "distill" /
-                    "lab_redistribute.yaml", help="recipe of the redistribution variant (with --reuse-runs, a changed "
-                    "recipe reruns only this variant)")
+    ap.add_argument("--distill-recipe", type=Path, default=pipeline.REPO_ROOT / "configs" / "lab" / "redistribute.yaml",
+                    help="recipe of the redistribution variant (with --reuse-runs, a changed recipe reruns only this "
+                         "variant)")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="skip training runs whose directory holds a finished run of the same command (for iterating "
                          "on the report); off by default: every run trains afresh")

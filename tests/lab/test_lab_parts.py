@@ -157,3 +157,34 @@ def test_sample_accuracy_table_and_sentences():
     text = sample_sentences(acc, ["no_replay"])[0]
     se = 100 * math.sqrt(0.1 * 0.9 / 70)
     assert f"reads 10.0% (+- {se:.1f}, binomial s.e.)" in text and "(base model: 20.0%)" in text
+
+
+def test_redistribution_recipe_is_the_lab_experiment():
+    """configs/lab/redistribute.yaml loads, validates, and holds what the variant's report describes."""
+    from anima_ft.config import load_config, validate
+    from anima_ft.lab.pipeline import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "configs" / "lab" / "redistribute.yaml")
+    validate(cfg, world_size=2, check_files=False)
+    d = cfg.distill
+    assert d.enabled and d.adapter_source == "reinit" and cfg.optim.lr.llm_adapter == 0
+    assert {(t.source, t.kind) for t in d.losses} == {("target", "flow"), ("replay", "distill")}
+    assert [st.replay_fraction for st in cfg.stages] == [1.0]
+    assert cfg.logging.every_steps == 1  # loss_summary needs every step
+
+
+def test_loss_summary_means_and_missing_steps(tmp_path):
+    import json
+
+    from anima_ft.lab.redistribution import loss_summary
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "probe/x/mean": 1.0}] + [{"step": s, "loss": 1.0 / s, "grad_norm": 0.1 * s}
+                                                 for s in range(1, 21)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = loss_summary(path, 20)
+    assert got["k"] == 2 and got["first"] == (1.0 + 0.5) / 2 and got["last"] == (1 / 19 + 1 / 20) / 2
+    assert got["max_grad_norm"] == 0.1 * 20
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] != 7))
+    with pytest.raises(ValueError, match="lacks steps \\[7\\]"):
+        loss_summary(path, 20)
