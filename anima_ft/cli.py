@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("anima_ft.observability.run_plots", "loss / probe / LR curves of training runs as PNGs (no wandb needed)"),
     "drift": ("anima_ft.eval.drift", "per-tensor / per-group weight drift between checkpoints (table + heatmap)"),
     "swap": ("anima_ft.eval.swap", "compose a checkpoint from one file's DiT and another's adapter"),
-    "distill": ("anima_ft.distill.cli", "teacher velocities, redistribution attribution, the lab's distill variant"),
+    "distill": ("anima_ft.distill.cli", "teacher velocities and the redistribution attribution"),
     "lab": ("anima_ft.lab.run", "the CPU mini-lab: forgetting and replay on real images, end to end"),
 }
 

@@ -7,6 +7,7 @@ list, and this test is what keeps the list complete: every folder with an ``__in
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -30,9 +31,12 @@ def _package_dirs() -> set[str]:
 @pytest.fixture(scope="module")
 def wheel_names(tmp_path_factory) -> list[str]:
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")
+    # build from a copy of the sources: an in-tree build/ of an earlier build could add stale modules to the wheel
+    src = tmp_path_factory.mktemp("src") / "repo"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info",
+                                                             "__pycache__", ".whl", ".peer", ".hypothesis"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-index", "-w", str(out), str(REPO)], capture_output=True, text=True, cwd=build)
+                           "--no-index", "-w", str(out), str(src)], capture_output=True, text=True, cwd=out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (whl,) = out.glob("anima_ft-*.whl")
     with zipfile.ZipFile(whl) as z:

@@ -6,10 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
-from omegaconf import OmegaConf
 
-from anima_ft.config import validate
+from anima_ft.config import load_config, validate
 from anima_ft.config.loader import check_keys
 from anima_ft.config.schema import Config
 
@@ -18,11 +16,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs" / "distill").g
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads_and_validates(path):
-    tree = yaml.safe_load(path.read_text())
-    check_keys(tree, Config, where=str(path))
-    base = OmegaConf.structured(Config)
-    OmegaConf.set_struct(base, True)
-    cfg = OmegaConf.to_object(OmegaConf.merge(base, tree))
+    cfg = load_config(path)
     # the checkpoints and shards named by the recipes do not exist on a test machine
     validate(cfg, world_size=8 if "h100x8" in path.name else 2, check_files=False)
     assert cfg.distill.enabled
