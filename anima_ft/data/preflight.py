@@ -16,13 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from anima_ft.config.remote import RemoteConfig
 from anima_ft.config.schema import Config
 from anima_ft.data.object_store import ObjectStore, is_url, redact
 from anima_ft.data.shard_format import LATENT_CHANNELS, read_index
 from anima_ft.data.sources import SourceSpec, discover_shards, open_remote_shard
 from anima_ft.model.config import AnimaConfig, infer_config
-from anima_ft.model.state_dict import is_derived_buffer, read_safetensors_header, strip_prefix
+from anima_ft.model.groups import is_ignored
+from anima_ft.model.state_dict import read_safetensors_header, strip_prefix
 
 SYNTHETIC_LATENT_CHANNELS = 16  # anima_ft.train.batches.SyntheticStream makes 16-channel latents, like the VAE
 
@@ -37,9 +37,7 @@ class ModelShapes:
 
 
 def _header(key: str, path: str) -> dict[str, tuple[str, list[int]]]:
-    if not Path(path).is_file():
-        raise ValueError(f"{key}={path!r} does not exist; give the official Anima safetensors path")
-    try:
+    try:  # existence was checked by validate (config/inputs.py); a missing file still lands in the except
         return read_safetensors_header(path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{key}={path!r} is not a readable safetensors file ({exc}); give the official Anima "
@@ -58,7 +56,7 @@ def model_shapes(cfg: Config) -> ModelShapes:
         for k, v in _header("model.adapter_path", m.adapter_path).items():
             name = strip_prefix(k)
             shapes[name if name.startswith("llm_adapter.") else "llm_adapter." + name] = v[1]
-    shapes = {k: v for k, v in shapes.items() if not is_derived_buffer(k)}
+    shapes = {k: v for k, v in shapes.items() if not is_ignored(k)}
     try:
         acfg = infer_config(shapes)
     except (ValueError, KeyError, IndexError, TypeError) as exc:
@@ -83,7 +81,7 @@ def check_inputs(cfg: Config) -> None:
     """Raise ValueError naming the key for an unreadable model file, a pattern without shards, or a model that does
     not fit the data."""
     model = model_shapes(cfg)
-    store = ObjectStore(getattr(cfg.data, "remote", None) or RemoteConfig())
+    store = ObjectStore(cfg.data.remote)
     first: tuple[str, Path | str] | None = None
     for i, s in enumerate(cfg.data.sources):
         shards = _shards(f"data.sources.{i}.shards", s.name, list(s.shards), store)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,12 @@ from anima_ft.runtime import atomic_save_with
 
 from .config import AnimaConfig, check_layout, inspect_layout, shape_field_differences
 from .dit import Anima
+from .groups import is_ignored
 
 log = logging.getLogger(__name__)
 
 OFFICIAL_PREFIX = "net."
 _PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
-_IGNORED = re.compile(r"(^|\.)pos_embedder\.|(^|\.)accum_|_extra_state$")
 CONFIG_METADATA_KEY = "anima_ft.config"
 
 
@@ -38,11 +37,6 @@ def strip_prefix(name: str) -> str:
         if name.startswith(prefix):
             return name[len(prefix):]
     return name
-
-
-def is_derived_buffer(name: str) -> bool:
-    """True for tensors that are recomputed rather than loaded (RoPE tables, training counters, TE extra state)."""
-    return bool(_IGNORED.search(name))
 
 
 def build_anima(
@@ -181,7 +175,7 @@ def _collect(path: Path, header: SafetensorsHeader, adapter_only: bool) -> dict[
     names: dict[str, _Source] = {}
     for key, (dtype, shape) in header.tensors.items():
         name = strip_prefix(key)
-        if is_derived_buffer(name):
+        if is_ignored(name):  # recomputed, not loaded (RoPE tables, training counters, extra state)
             continue
         if adapter_only and not name.startswith("llm_adapter."):
             name = "llm_adapter." + name  # a separate adapter file holds the adapter's own names
