@@ -57,58 +57,55 @@ def _resume_matches(run, reference, saved: int) -> None:
     assert got == reference
 
 
-def test_deepspeed_stop_signal_to_a_rank_saves_exits_75_and_resumes(tmp_path, reference):
+def _stop_mid_training_then_resume(tmp_path, reference, start_job, stop) -> None:
+    """Start a 2-rank run, let it train a few steps, ``stop(job)`` it (the launch path's signal and its asserts), then
+    check the stop checkpoint and that a resume from it gives the uninterrupted run's losses."""
     run = tmp_path / "run"
-    job = deepspeed_job(["--config", TINY, f"run.dir={run}", *COMMON])
+    job = start_job(["--config", TINY, f"run.dir={run}", *COMMON])
     try:
         _wait_training(run, job)
+        stop(job)
+    finally:
+        job.kill()
+    saved = _saved_step(run)
+    assert 3 <= saved < NUM_STEPS
+    _resume_matches(run, reference, saved)
+
+
+def test_deepspeed_stop_signal_to_a_rank_saves_exits_75_and_resumes(tmp_path, reference):
+    def stop(job):
         ranks = job.ranks()
         assert len(ranks) == 2
         os.kill(ranks[1], signal.SIGUSR1)  # one rank is enough: the stop vote is all-reduced every step
         assert job.wait(timeout=120) == 75, job.output[-3000:]
         assert wait_gone(ranks, 5) == []
-    finally:
-        job.kill()
-    saved = _saved_step(run)
-    assert 3 <= saved < NUM_STEPS
-    _resume_matches(run, reference, saved)
+
+    _stop_mid_training_then_resume(tmp_path, reference, deepspeed_job, stop)
 
 
 def test_deepspeed_runner_sigterm_saves_and_leaves_no_orphans(tmp_path, reference):
     import psutil
 
-    run = tmp_path / "run"
-    job = deepspeed_job(["--config", TINY, f"run.dir={run}", *COMMON])
-    try:
-        _wait_training(run, job)
+    def stop(job):
         below = [p.pid for p in psutil.Process(job.proc.pid).children(recursive=True)]  # launch.py and the ranks
         assert len(below) == 3
         job.proc.send_signal(signal.SIGTERM)
         assert job.wait(timeout=30) == -signal.SIGTERM  # DeepSpeed's runner has no handler: a shell sees 143
         assert wait_gone(below, 60) == [], job.output[-3000:]
-    finally:
-        job.kill()
-    saved = _saved_step(run)
-    assert 3 <= saved < NUM_STEPS
-    _resume_matches(run, reference, saved)
+
+    _stop_mid_training_then_resume(tmp_path, reference, deepspeed_job, stop)
 
 
 def test_torchrun_stop_signal_to_a_worker_saves_and_resumes(tmp_path, reference):
-    run = tmp_path / "run"
-    job = torchrun_job(["--config", TINY, f"run.dir={run}", *COMMON])
-    try:
-        _wait_training(run, job)
+    def stop(job):
         ranks = job.ranks()
         assert len(ranks) == 2
         os.kill(ranks[0], signal.SIGUSR1)
         assert job.wait(timeout=120) == 1, job.output[-3000:]  # torchrun: any worker exit code != 0 becomes 1
         assert "exitcode  : 75" in job.output, job.output[-3000:]  # the workers' own code, in torchrun's report
         assert wait_gone(ranks, 5) == []
-    finally:
-        job.kill()
-    saved = _saved_step(run)
-    assert 3 <= saved < NUM_STEPS
-    _resume_matches(run, reference, saved)
+
+    _stop_mid_training_then_resume(tmp_path, reference, torchrun_job, stop)
 
 
 def test_stop_signal_during_startup_exits_75_without_a_checkpoint(tmp_path):
