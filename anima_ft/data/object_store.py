@@ -9,8 +9,13 @@ Every request goes through :meth:`ObjectStore._call`, which retries transient er
 * **permanent** (raised at once): missing objects (``FileNotFoundError``), denied access (``PermissionError``) and
   other 4xx answers.
 
-The library's own retries are turned off (botocore ``total_max_attempts=1``, s3fs ``retries=1``) so that every
-failed HTTP request is seen, retried and counted here exactly once. A request that still fails is a
+The library's own retries are turned off (botocore ``total_max_attempts=1``, s3fs ``retries=1``, and aiohttp's
+silent second try of an idempotent request whose keep-alive connection was reset, RFC 9112 9.3.1) so that every
+failed HTTP request is seen, retried and counted here exactly once.
+
+Ranged reads on asynchronous filesystems (s3fs, gcsfs, HTTP) can be started without a thread per request
+(:meth:`ObjectStore.submit_range`): the request and its retries run as one coroutine on the filesystem's event
+loop, and the caller gets a ``concurrent.futures.Future``. A request that still fails is a
 :class:`RemoteReadError`; a bucket (or host) whose requests fail ``unreachable_after_failures`` times in a row,
 with no success in between, is :class:`StorageUnreachable` (a ``RuntimeError`` naming it).
 
@@ -22,6 +27,7 @@ logged without user info or query strings (:func:`redact`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -29,8 +35,8 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,6 +68,49 @@ def location(url: str) -> str:
     return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
 
 
+READ_BUFSIZE = 4 << 20  # aiohttp's per-response buffer (64 KiB by default pauses the socket ~25x per 1.6 MB body)
+
+
+def _checked(out: Any, expect_len: int | None) -> Any:
+    if expect_len is not None and len(out) != expect_len:
+        raise ShortRead(f"got {len(out)} of {expect_len} bytes")
+    return out
+
+
+async def _http_client(**kwargs):
+    """fsspec's HTTP session factory: an aiohttp session without its silent second try of a request whose reused
+    keep-alive connection was reset (``ObjectStore._call`` retries and counts it instead)."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=kwargs.pop("limit", 100))
+    session = aiohttp.ClientSession(connector=connector, **kwargs)
+    _no_silent_retry(session)
+    return session
+
+
+def _no_silent_retry(session) -> None:
+    """Turn off aiohttp's retry of an idempotent request on a reset keep-alive connection (RFC 9112 9.3.1): it
+    happens below every counter. aiohttp has no public switch; its own test client sets the same attribute."""
+    if not hasattr(session, "_retry_connection"):
+        raise RuntimeError(f"aiohttp {__import__('aiohttp').__version__} has no ClientSession._retry_connection, so "
+                           "its silent retries could not be counted; use an aiohttp 3.x that has it (tested: 3.14)")
+    session._retry_connection = False
+
+
+@functools.cache
+def _botocore_session_class():
+    """aiobotocore's aiohttp session class, with aiohttp's silent retry off (see :func:`_no_silent_retry`)."""
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    class CountedRetriesSession(AIOHTTPSession):
+        async def _get_session(self, proxy_url):
+            session = await super()._get_session(proxy_url)
+            _no_silent_retry(session)
+            return session
+
+    return CountedRetriesSession
+
+
 class ShortRead(OSError):
     """A ranged read returned fewer bytes than asked (a truncated body): transient."""
 
@@ -87,7 +136,7 @@ def is_transient(err: BaseException) -> bool:
 
 
 def _reason(err: BaseException) -> str:
-    if isinstance(err, ShortRead):
+    if isinstance(err, ShortRead) or type(err).__name__ == "ClientPayloadError":  # aiohttp: body ended early
         return "short_read"
     if isinstance(err, (TimeoutError, asyncio.TimeoutError)) or "timeout" in type(err).__name__.lower():
         return "timeout"
@@ -179,60 +228,103 @@ class ObjectStore:
 
     def _make_fs(self, fsspec, protocol: str):
         timeout = self.options.request_timeout_s
+        connections = max(10, 2 * self.options.prefetch_samples)
         if protocol in ("s3", "s3a"):
             fs = fsspec.filesystem(protocol, skip_instance_cache=True, config_kwargs={
                 "retries": {"total_max_attempts": 1}, "connect_timeout": timeout, "read_timeout": timeout,
-                "max_pool_connections": max(10, 2 * self.options.prefetch_samples)})
+                "max_pool_connections": connections, "http_session_cls": _botocore_session_class()})
             fs.retries = 1  # s3fs's own retry loop: off, every try is made and counted by _call
             return fs
         if protocol in ("http", "https"):
             import aiohttp
 
-            return fsspec.filesystem(protocol, skip_instance_cache=True, client_kwargs={
-                "timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)})
+            return fsspec.filesystem(protocol, skip_instance_cache=True, get_client=_http_client, client_kwargs={
+                "timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
+                "read_bufsize": READ_BUFSIZE, "limit": connections})
         return fsspec.filesystem(protocol, skip_instance_cache=True)
 
     def _call(self, what: str, url: str, fn: Callable[[], Any], expect_len: int | None = None) -> Any:
         """Run ``fn`` with the retry policy; ``expect_len`` makes a shorter result a transient ``short_read``."""
-        opts, where = self.options, location(url)
         last: BaseException | None = None
-        for attempt in range(1, opts.max_attempts + 1):
+        for attempt in range(1, self.options.max_attempts + 1):
             try:
-                out = fn()
-                if expect_len is not None and len(out) != expect_len:
-                    raise ShortRead(f"got {len(out)} of {expect_len} bytes")
+                out = _checked(fn(), expect_len)
             except Exception as err:
-                if not is_transient(err):
-                    raise
-                last = err
-                if attempt == opts.max_attempts:
+                last, wait = err, self._failed_try(what, url, err, attempt)
+                if wait is None:
                     break
-                self.counters.add(retries=1, **{f"retry_reasons.{_reason(err)}": 1})
-                wait = min(opts.retry_backoff_s * 2 ** (attempt - 1), opts.retry_backoff_max_s)
-                log.debug("%s %s failed (%s), try %d of %d in %.2fs", what, redact(url), redact(err), attempt + 1,
-                          opts.max_attempts, wait)
-                self._sleep(wait * random.uniform(0.5, 1.5))
+                self._sleep(wait)
                 continue
-            with self._lock:
-                self._failures[where] = 0
-            self.counters.add(requests=1, bytes=len(out) if isinstance(out, (bytes, bytearray)) else 0)
-            return out
+            return self._succeeded(url, out)
+        raise self._gave_up(what, url, last)
+
+    async def _acall(self, what: str, url: str, fn: Callable[[], Awaitable[Any]],
+                     expect_len: int | None = None) -> Any:
+        """:meth:`_call` for a coroutine function, run on the filesystem's event loop (waits without blocking it)."""
+        last: BaseException | None = None
+        for attempt in range(1, self.options.max_attempts + 1):
+            try:
+                out = _checked(await fn(), expect_len)
+            except Exception as err:
+                last, wait = err, self._failed_try(what, url, err, attempt)
+                if wait is None:
+                    break
+                if self._sleep is time.sleep:
+                    await asyncio.sleep(wait)
+                else:  # a test's fake clock
+                    self._sleep(wait)
+                continue
+            return self._succeeded(url, out)
+        raise self._gave_up(what, url, last)
+
+    def _failed_try(self, what: str, url: str, err: Exception, attempt: int) -> float | None:
+        """Count a failed try and return the wait before the next one; None after the last; raises permanent errors."""
+        opts = self.options
+        if not is_transient(err):
+            raise err
+        if attempt == opts.max_attempts:
+            return None
+        self.counters.add(retries=1, **{f"retry_reasons.{_reason(err)}": 1})
+        wait = min(opts.retry_backoff_s * 2 ** (attempt - 1), opts.retry_backoff_max_s)
+        log.debug("%s %s failed (%s), try %d of %d in %.2fs", what, redact(url), redact(err), attempt + 1,
+                  opts.max_attempts, wait)
+        return wait * random.uniform(0.5, 1.5)
+
+    def _succeeded(self, url: str, out: Any) -> Any:
+        with self._lock:
+            self._failures[location(url)] = 0
+        self.counters.add(requests=1, bytes=len(out) if isinstance(out, (bytes, bytearray)) else 0)
+        return out
+
+    def _gave_up(self, what: str, url: str, last: BaseException | None) -> Exception:
+        """The error of a request that failed every try (StorageUnreachable after too many in a row)."""
+        opts, where = self.options, location(url)
         self.counters.add(failed_requests=1)
         with self._lock:
             self._failures[where] += 1
             failures = self._failures[where]
         detail = f"{type(last).__name__}: {redact(last)}"
         if failures >= opts.unreachable_after_failures:
-            raise StorageUnreachable(
+            return StorageUnreachable(
                 f"{where} is unreachable: {failures} requests in a row failed after {opts.max_attempts} tries each "
                 f"(last: {what} {redact(url)}: {detail}); check the endpoint, the network and the credentials in "
                 "the storage library's environment (for S3: AWS_* variables, AWS_ENDPOINT_URL, ~/.aws)")
-        raise RemoteReadError(f"{what} {redact(url)} failed after {opts.max_attempts} tries: {detail}")
+        return RemoteReadError(f"{what} {redact(url)} failed after {opts.max_attempts} tries: {detail}")
 
     def read_range(self, url: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of an object with one ranged GET (retried)."""
         fs, path = self.filesystem(url)
         return self._call("GET range", url, lambda: fs.cat_file(path, start=start, end=end), expect_len=end - start)
+
+    def submit_range(self, url: str, start: int, end: int) -> Future | None:
+        """Start :meth:`read_range` as a coroutine on the filesystem's event loop: a ``Future`` of the bytes, or
+        None when the filesystem is not asynchronous (the caller reads in a thread)."""
+        fs, path = self.filesystem(url)
+        if not getattr(fs, "async_impl", False) or getattr(fs, "loop", None) is None:
+            return None
+        return asyncio.run_coroutine_threadsafe(
+            self._acall("GET range", url, lambda: fs._cat_file(path, start=start, end=end), expect_len=end - start),
+            fs.loop)
 
     def read_bytes(self, url: str) -> bytes:
         """A whole (small) object, e.g. a shard index."""

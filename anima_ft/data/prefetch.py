@@ -6,6 +6,11 @@ about ``depth`` x the span size, whatever the shard size); as a span is taken th
 Adjacent scheduled spans of one shard (``end`` of one = ``start`` of the next) are fetched as one run with one
 request, up to ``max_run_bytes``. A span taken out of order (a replacement for a bad sample) is fetched directly.
 The prefetcher only moves bytes: what is read is decided by the consumer, so the batches do not depend on it.
+
+Requests are started with ``submit`` when given (a ``Future`` per request, e.g. a coroutine on the storage
+library's event loop: no thread per request in flight), else ``fetch`` runs in ``depth`` threads. With ``decode``,
+each span is decoded (checked and turned into tensors) by ``decode_threads`` threads as soon as its bytes arrive,
+so that :meth:`take` hands over a decoded sample and the consumer's thread only waits when the pool is empty.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 Span = tuple[int, int, int]  # (shard id, start byte, end byte)
 MAX_RUN_BYTES = 16 << 20
@@ -24,28 +30,42 @@ class _Run:
     shard: int
     start: int
     end: int
-    spans: deque = field(default_factory=deque)  # the spans not yet taken, in order
-    future: Future | None = None
+    spans: deque = field(default_factory=deque)  # (span, tag, slot future) not yet taken, in order
+    items: list = field(default_factory=list)  # all of them (the slots filled when the bytes arrive)
+    future: Future | None = None  # the run's bytes
+    fetch_failed: bool = False
+    closed: bool = False
 
 
 class SpanPrefetcher:
-    """Fetch scheduled spans ahead with ``depth`` worker threads (see the module docstring).
+    """Fetch scheduled spans ahead, at most ``depth`` at a time (see the module docstring).
 
     fetch(shard, start, end) -> bytes does the request (with its own retries); its exceptions reach ``take``.
+    submit(shard, start, end) -> Future of those bytes, or None to use ``fetch`` in a thread for this request.
+    decode(span, tag, data) -> the object ``take`` returns for a span (``tag`` is what ``schedule`` was given with
+    it); its exceptions reach ``take`` too. Without ``decode``, ``take`` returns the bytes.
     """
 
-    def __init__(self, fetch: Callable[[int, int, int], bytes], depth: int, max_run_bytes: int = MAX_RUN_BYTES):
+    def __init__(self, fetch: Callable[[int, int, int], bytes], depth: int, max_run_bytes: int = MAX_RUN_BYTES,
+                 submit: Callable[[int, int, int], Future | None] | None = None,
+                 decode: Callable[[Span, Any, bytes], Any] | None = None, decode_threads: int = 1):
         if depth < 1:
             raise ValueError(f"prefetch depth={depth} must be >= 1")
+        if decode_threads < 1:
+            raise ValueError(f"prefetch decode_threads={decode_threads} must be >= 1")
         self._fetch, self.depth, self.max_run_bytes = fetch, depth, max_run_bytes
-        self._queue: deque[Span] = deque()
+        self._submit, self._decode, self._decode_threads = submit, decode, decode_threads
+        self._queue: deque[tuple[Span, Any]] = deque()
         self._window: deque[_Run] = deque()
-        self._held = 0  # spans in the window (in flight or fetched, not taken)
+        self._held = 0  # spans in the window (in flight, fetched or decoded, not taken)
         self._pool: ThreadPoolExecutor | None = None
+        self._decoders: ThreadPoolExecutor | None = None
 
-    def schedule(self, spans: Iterable[Span]) -> None:
-        """Append spans to the read order and start fetching as far as the depth allows."""
-        self._queue.extend(spans)
+    def schedule(self, spans: Iterable[Span], tags: Iterable[Any] | None = None) -> None:
+        """Append spans (each with its tag for ``decode``) to the read order and start fetching as far as the
+        depth allows."""
+        spans = list(spans)
+        self._queue.extend(zip(spans, tags if tags is not None else [None] * len(spans), strict=True))
         self._fill()
 
     @property
@@ -55,53 +75,100 @@ class SpanPrefetcher:
 
     def _fill(self) -> None:
         while self._queue and self._held < self.depth:
-            shard, start, end = self._queue.popleft()
-            run = _Run(shard, start, end, deque([(shard, start, end)]))
-            while (self._queue and self._held + len(run.spans) < self.depth and self._queue[0][0] == shard
-                   and self._queue[0][1] == run.end and self._queue[0][2] - run.start <= self.max_run_bytes):
-                span = self._queue.popleft()
-                run.spans.append(span)
+            span, tag = self._queue.popleft()
+            run = _Run(*span, deque([(span, tag, Future())]))
+            while (self._queue and self._held + len(run.spans) < self.depth and self._queue[0][0][0] == run.shard
+                   and self._queue[0][0][1] == run.end and self._queue[0][0][2] - run.start <= self.max_run_bytes):
+                span, tag = self._queue.popleft()
+                run.spans.append((span, tag, Future()))
                 run.end = span[2]
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="span-prefetch")
-            run.future = self._pool.submit(self._fetch, run.shard, run.start, run.end)
+            run.items = list(run.spans)
+            if self._decode is not None and self._decoders is None:
+                self._decoders = ThreadPoolExecutor(max_workers=self._decode_threads, thread_name_prefix="span-decode")
+            run.future = self._submit(run.shard, run.start, run.end) if self._submit is not None else None
+            if run.future is None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="span-prefetch")
+                run.future = self._pool.submit(self._fetch, run.shard, run.start, run.end)
+            run.future.add_done_callback(lambda fut, run=run: self._arrived(run, fut))
             self._window.append(run)
             self._held += len(run.spans)
 
+    def _arrived(self, run: _Run, fut: Future) -> None:
+        """The run's request is done (runs in the thread that finished it): fill the span slots or start decoding."""
+        if run.closed or fut.cancelled():
+            return
+        err = fut.exception()
+        if err is not None:
+            run.fetch_failed = True
+            for _, _, slot in run.items:
+                slot.set_exception(err)
+            return
+        data = fut.result()
+        if self._decode is None:
+            for span, _, slot in run.items:
+                slot.set_result(self._cut(run, span, data))
+            return
+        try:
+            self._decoders.submit(self._decode_run, run, data)
+        except RuntimeError:  # closed meanwhile: nobody will take these spans
+            pass
+
+    def _decode_run(self, run: _Run, data: bytes) -> None:
+        for span, tag, slot in run.items:
+            if run.closed:
+                return
+            try:
+                slot.set_result(self._decode(span, tag, self._cut(run, span, data)))
+            except Exception as err:  # the consumer's error (a bad sample), raised by take
+                slot.set_exception(err)
+
+    @staticmethod
+    def _cut(run: _Run, span: Span, data: bytes) -> bytes:
+        if (span[1], span[2]) == (run.start, run.end):
+            return data  # the whole run: no copy
+        return data[span[1] - run.start : span[2] - run.start]
+
     def is_next(self, span: Span) -> bool:
         """Whether ``span`` is the next scheduled span (so :meth:`take` serves it from the pool)."""
-        return bool(self._window and self._window[0].spans[0] == span) or (
-            not self._window and bool(self._queue) and self._queue[0] == span)
+        return bool(self._window and self._window[0].spans[0][0] == span) or (
+            not self._window and bool(self._queue) and self._queue[0][0] == span)
 
-    def take(self, shard: int, start: int, end: int) -> bytes:
-        """The bytes of one span: from the head of the window when it is the next scheduled span, else fetched now."""
+    def take(self, shard: int, start: int, end: int, tag: Any = None) -> Any:
+        """One span (decoded when there is ``decode``): from the head of the window when it is the next scheduled
+        span, else fetched (and decoded, with ``tag``) now in this thread."""
         span = (shard, start, end)
-        if not self._window and self._queue and self._queue[0] == span:
+        if not self._window and self._queue and self._queue[0][0] == span:
             self._fill()
-        if not self._window or self._window[0].spans[0] != span:
-            return self._fetch(shard, start, end)
+        if not self._window or self._window[0].spans[0][0] != span:
+            return self._direct(span, tag)
         run = self._window[0]
-        run.spans.popleft()
+        _, held_tag, slot = run.spans.popleft()
         self._held -= 1
         if not run.spans:
             self._window.popleft()
         try:
-            data = run.future.result()
+            return slot.result()
         except Exception:
-            if run.start == start and run.end == end:
+            if not run.fetch_failed or (run.start, run.end) == (start, end):
                 raise
-            data = None  # the run's one request failed: each of its spans gets its own tries
         finally:
             self._fill()
-        if data is None:
-            return self._fetch(shard, start, end)
-        return data[start - run.start : end - run.start]
+        return self._direct(span, held_tag)  # the run's one request failed: each of its spans gets its own tries
+
+    def _direct(self, span: Span, tag: Any) -> Any:
+        data = self._fetch(*span)
+        return data if self._decode is None else self._decode(span, tag, data)
 
     def close(self) -> None:
-        """Drop everything scheduled and stop the threads (requests in flight finish in the background)."""
+        """Drop everything scheduled and stop the threads (requests in flight are cancelled or finish unused)."""
+        for run in self._window:
+            run.closed = True
+            run.future.cancel()
         self._queue.clear()
         self._window.clear()
         self._held = 0
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for pool in (self._pool, self._decoders):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._decoders = None

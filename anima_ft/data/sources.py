@@ -307,6 +307,9 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
     return cat
 
 
+DECODE_THREADS = 1  # per reader: checksums and decoding of remote samples, beside the consumer's thread
+
+
 class ShardReader:
     """Random-access sample reader over a catalog's shards (one per loader worker).
 
@@ -338,11 +341,19 @@ class ShardReader:
     def _fetch(self, shard: int, start: int, end: int) -> bytes:
         return self.store.read_range(self.catalog.shard_paths[shard], start, end)
 
+    def _submit(self, shard: int, start: int, end: int):
+        return self.store.submit_range(self.catalog.shard_paths[shard], start, end)
+
+    def _decode(self, span: tuple[int, int, int], entry: dict, data: bytes) -> dict:
+        return decode_span(data, entry, self.catalog.qwen_dim)
+
     @property
     def prefetcher(self) -> SpanPrefetcher:
-        """The span prefetcher (made on first use, in the process that reads)."""
+        """The span prefetcher (made on first use, in the process that reads): requests as coroutines on the
+        storage library's event loop, checksums and decoding in ``DECODE_THREADS`` threads as the bytes arrive."""
         if self._prefetch is None:
-            self._prefetch = SpanPrefetcher(self._fetch, self.remote.prefetch_samples)
+            self._prefetch = SpanPrefetcher(self._fetch, self.remote.prefetch_samples, submit=self._submit,
+                                            decode=self._decode, decode_threads=DECODE_THREADS)
         return self._prefetch
 
     def is_remote(self, shard: int) -> bool:
@@ -350,19 +361,16 @@ class ShardReader:
         return is_url(self.catalog.shard_paths[shard])
 
     def schedule_entries(self, entries: list[dict]) -> None:
-        """Start fetching these entries' spans (remote shards only), to be read in this order."""
-        spans = [(e["shard"], *e["span"]) for e in entries if self.is_remote(e["shard"])]
-        if spans:
-            self.prefetcher.schedule(spans)
+        """Start fetching (and decoding) these entries' spans (remote shards only), to be read in this order."""
+        entries = [e for e in entries if self.is_remote(e["shard"])]
+        if entries:
+            self.prefetcher.schedule([(e["shard"], *e["span"]) for e in entries], entries)
 
     def schedule(self, sample_ids: list[int]) -> None:
-        """Start fetching these catalog samples (remote shards only), to be read in this order."""
-        table = self.catalog.table
-        shard_col, start_col, end_col = (COLUMNS.index(c) for c in ("shard", "span_start", "span_end"))
-        spans = [(int(table[i, shard_col]), int(table[i, start_col]), int(table[i, end_col])) for i in sample_ids]
-        spans = [sp for sp in spans if self.is_remote(sp[0])]
-        if spans:
-            self.prefetcher.schedule(spans)
+        """Start fetching (and decoding) these catalog samples (remote shards only), to be read in this order."""
+        shard_col = COLUMNS.index("shard")
+        self.schedule_entries([self.catalog.entry(i) for i in sample_ids
+                               if self.is_remote(int(self.catalog.table[i, shard_col]))])
 
     @property
     def scheduled(self) -> int:
@@ -385,12 +393,11 @@ class ShardReader:
             if sample is not None:
                 return sample
         try:
-            data = self.prefetcher.take(*span)
+            return self.prefetcher.take(*span, tag=entry)  # checked and decoded by _decode
         except RemoteReadError as err:
             raise SampleError("remote_read_failed", str(err)) from err
         except (FileNotFoundError, PermissionError) as err:
             raise SampleError("unreadable_shard", redact(err)) from err
-        return decode_span(data, entry, self.catalog.qwen_dim)
 
     def _read_cached(self, entry: dict, copy_only: bool = False) -> dict | None:
         """The sample from the shard's local copy; None (and a copy started) when there is none yet, or when

@@ -1,36 +1,51 @@
 """Remote-shard loader throughput against plain concurrent ranged GETs, on one machine (127.0.0.1 only).
 
-Starts moto's S3 server and the tests' latency proxy in a child process (``tests/data/fault_proxy.py``, ``--latency-ms`` per request),
-uploads shards of 1024-px-equivalent samples (latent 16x128x128 bf16 + 512 Qwen tokens x 1024 bf16: about 1.6 MB),
-then measures in the same run, against the same endpoint:
+Writes shards of 1024-px-equivalent samples (latent 16x128x128 bf16 + 512 Qwen tokens x 1024 bf16: about 1.6 MB
+each), serves them on 127.0.0.1 with ``--latency-ms`` added to every request, and measures in the same run, against
+the same endpoint and the same objects:
 
-* baseline: ``--pool`` threads issuing plain ranged GETs (fsspec/s3fs ``cat_file``) of the same sample spans;
+* plain GETs: ``--pool`` concurrent ranged GETs of the sample spans (fsspec's async ``_cat_file`` of the same
+  filesystem the loader uses, on its event loop; nothing decoded), the limit of the setup;
 * loader: one ``MixedStream`` (num_workers=0, micro_batch_size 1) with ``data.remote.prefetch_samples = --pool``,
-  decoding and checksumming every sample.
+  checksumming and decoding every sample;
+* with ``curl`` installed, also ``curl --parallel`` of the same ranges (a native client, for context only).
 
-Prints one JSON line: byte rates, the loader's share of the baseline, samples/s, the pool's memory bound
-(pool x sample bytes) and the peak RSS growth, and the CPU model (lscpu). Usage::
+Servers (``--server``):
 
-    python launch/bench/bench_remote.py --latency-ms 20 --pool 32 --samples 192
+* ``nginx`` (default; ``http://`` URLs read by fsspec's HTTP filesystem): nginx from the Debian packages
+  ``nginx-light`` and ``libnginx-mod-http-lua``, one worker process, static files with Range support; the latency
+  is ``access_by_lua_block { ngx.sleep(...) }``, a non-blocking per-request delay inside nginx's event loop.
+* ``moto`` (``s3://`` URLs read by s3fs): moto's S3 server (pure Python) behind the tests' latency proxy
+  (``tests/data/fault_proxy.py``, a thread-per-connection Python proxy that sleeps per request), both in a child
+  process. Its plain GETs are limited by moto itself, not by the client.
+
+Nothing is installed here: a missing server binary or module is an error naming the package to install.
+The pool is run twice in a row per side (``--repeat``), and the better of each side is reported with both.
+Prints one JSON line: byte rates, the loader's share of the plain GETs, samples/s, the pool's memory bound
+(pool x sample bytes), the peak RSS growth of the loader, the CPU model (lscpu) and the load average. Usage::
+
+    python launch/bench/bench_remote.py --server nginx --latency-ms 20 --pool 32 --samples 600
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "data"))
+NGINX_MODULES = Path("/usr/lib/nginx/modules")
+NGINX_PACKAGES = "nginx-light libnginx-mod-http-lua"
 
 
 def cpu_model() -> str:
@@ -57,7 +72,62 @@ def write_shards(out: Path, num_shards: int, per_shard: int) -> int:
     return span
 
 
-def serve(latency_ms: float) -> None:
+class NginxServer:
+    """nginx (one worker) serving ``root`` on 127.0.0.1 with a per-request delay of ``latency_ms`` (lua ngx.sleep)."""
+
+    def __init__(self, root: Path, latency_ms: float, workdir: Path):
+        from anima_ft.runtime import free_port
+
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+        modules = [NGINX_MODULES / "ndk_http_module.so", NGINX_MODULES / "ngx_http_lua_module.so"]
+        missing = [str(m) for m in modules if not m.exists()]
+        if binary is None or missing:
+            raise SystemExit(f"bench_remote --server nginx: {'nginx' if binary is None else ', '.join(missing)} not "
+                             f"found; install the Debian packages: apt-get install {NGINX_PACKAGES} (or use "
+                             "--server moto)")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        delay = f"access_by_lua_block {{ ngx.sleep({latency_ms / 1000:.6f}) }}" if latency_ms > 0 else ""
+        tmp = workdir / "nginx-tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "nginx.conf"
+        conf.write_text("\n".join([
+            *(f"load_module {m};" for m in modules),
+            "daemon off;", "master_process off;", "worker_processes 1;", f"pid {workdir / 'nginx.pid'};",
+            f"error_log {workdir / 'nginx-error.log'} warn;", "events { worker_connections 4096; }",
+            "http {", "  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on;",
+            "  keepalive_requests 1000000; keepalive_timeout 300s;",
+            *(f"  {k}_temp_path {tmp};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+            f"  server {{ listen 127.0.0.1:{self.port}; root {root};",
+            f"    location / {{ autoindex on; {delay} }} }}", "}", ""]))
+        self._conf, self._log = conf, workdir / "nginx-error.log"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> NginxServer:
+        """Start nginx and wait until it answers (returns self)."""
+        import urllib.request
+
+        self._proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(self._conf)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(100):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {self._proc.stderr.read().decode()} "
+                                   f"{self._log.read_text() if self._log.exists() else ''}")
+            try:
+                urllib.request.urlopen(self.url + "/", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx did not answer on {self.url}")
+
+    def stop(self) -> None:
+        """Stop nginx."""
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+
+
+def serve_moto(latency_ms: float) -> None:
     """Child process: moto + the latency proxy, apart from the measured process (no shared GIL); prints the URLs."""
     from fault_proxy import FaultProxy, S3Server
 
@@ -69,74 +139,146 @@ def serve(latency_ms: float) -> None:
     server.stop()
 
 
+def plain_gets(store, spans: list[tuple[str, int, int]], pool: int) -> tuple[int, float]:
+    """``pool`` concurrent ranged GETs of ``spans`` on the filesystem's own event loop: (bytes, seconds)."""
+    from fsspec.asyn import sync
+
+    fs, _ = store.filesystem(spans[0][0])
+    paths = [(store.filesystem(u)[1], a, b) for u, a, b in spans]
+
+    async def run() -> int:
+        sem = asyncio.Semaphore(pool)
+
+        async def one(p, a, b):
+            async with sem:
+                data = await fs._cat_file(p, start=a, end=b)
+            if len(data) != b - a:
+                raise RuntimeError(f"plain GET of {p} [{a}, {b}) returned {len(data)} bytes")
+            return len(data)
+
+        return sum(await asyncio.gather(*(one(*s) for s in paths)))
+
+    t0 = time.perf_counter()
+    got = sync(fs.loop, run)
+    return got, time.perf_counter() - t0
+
+
+def curl_gets(spans: list[tuple[str, int, int]], pool: int) -> float | None:
+    """Bytes/s of ``curl --parallel`` fetching the same ranges (None without curl or for s3:// URLs)."""
+    curl = shutil.which("curl")
+    if curl is None or not spans[0][0].startswith("http"):
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".curl", delete=False) as f:
+        for url, a, b in spans:
+            f.write(f'url = "{url}"\nrange = "{a}-{b - 1}"\noutput = "/dev/null"\n')
+    try:
+        t0 = time.perf_counter()
+        subprocess.run([curl, "-sfZ", "--parallel-max", str(pool), "-K", f.name], check=True)
+        return sum(b - a for _, a, b in spans) / (time.perf_counter() - t0)
+    finally:
+        os.unlink(f.name)
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def loader_run(source, cfg, samples: int) -> tuple[float, float, dict]:
+    """One MixedStream (num_workers 0): (seconds for ``samples`` batches after the first, peak RSS growth MB over
+    the RSS before the stream was made, sampled after every batch, io counters)."""
+    from anima_ft.data import MixedStream, SourceSpec
+
+    rss0 = peak = rss_mb()
+    stream = MixedStream([SourceSpec("bench", source)], micro_batch_size=1, seed=0, remote=cfg)
+    it = iter(stream)
+    next(it)  # start-up (the first requests) outside the timed part
+    t0 = time.perf_counter()
+    for _ in range(samples):
+        batch = next(it)
+        assert batch["latents"].shape == (1, 16, 128, 128)
+        peak = max(peak, rss_mb())
+    load_s = time.perf_counter() - t0
+    it.close()
+    return load_s, peak - rss0, stream.stats()["io"]
+
+
 def main() -> None:
     """Run the benchmark and print the JSON result."""
-    if sys.argv[1:2] == ["--serve"]:
-        return serve(float(sys.argv[2]))
+    if sys.argv[1:2] == ["--serve-moto"]:
+        return serve_moto(float(sys.argv[2]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--server", choices=("nginx", "moto"), default="nginx")
     p.add_argument("--latency-ms", type=float, default=20.0)
-    p.add_argument("--pool", type=int, default=32, help="prefetch pool size = baseline threads")
-    p.add_argument("--samples", type=int, default=192, help="samples read by each side")
+    p.add_argument("--pool", type=int, default=32, help="prefetch pool size = concurrent plain GETs")
+    p.add_argument("--samples", type=int, default=600, help="samples read by each side")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=2, help="alternating plain/loader rounds")
     args = p.parse_args()
-    import boto3
 
     from anima_ft.config.remote import RemoteConfig
-    from anima_ft.data import MixedStream, SourceSpec
     from anima_ft.data.object_store import ObjectStore
 
-    child = subprocess.Popen([sys.executable, __file__, "--serve", str(args.latency_ms)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    server_url, proxy_url = child.stdout.readline().split()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=server_url)  # uploads straight to the server, reads through the proxy
-    try:
-        boto3.client("s3", endpoint_url=server_url).create_bucket(Bucket="bench")
-        with tempfile.TemporaryDirectory() as tmp:
-            span_bytes = write_shards(Path(tmp), args.shards, args.per_shard)
-            store = ObjectStore()
-            for f in sorted(Path(tmp).iterdir()):
-                if f.suffix == ".tar":
-                    store.put_file(str(f), f"s3://bench/s/{f.name}")
-            for f in sorted(Path(tmp).glob("*.index.json")):
-                store.put_file(str(f), f"s3://bench/s/{f.name}")
-            indices = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob("*.index.json"))]
-        os.environ["AWS_ENDPOINT_URL"] = proxy_url
-        store = ObjectStore()
-        spans = [(f"s3://bench/s/bench-{k:04d}.tar", *e["span"]) for k, idx in enumerate(indices) for e in idx["samples"]]
-        spans = [spans[(i * 7919) % len(spans)] for i in range(args.samples)]  # a scattered order, like the loader's
+    cfg = RemoteConfig(prefetch_samples=args.pool)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "root" / "s").mkdir(parents=True)
+        span_bytes = write_shards(tmp / "root" / "s", args.shards, args.per_shard)
+        indices = [json.loads(f.read_text()) for f in sorted((tmp / "root" / "s").glob("*.index.json"))]
+        child = server = None
+        try:
+            if args.server == "nginx":
+                server = NginxServer(tmp / "root", args.latency_ms, tmp).start()
+                base, source = f"{server.url}/s/", f"{server.url}/s/*.tar"
+                served = "nginx 1 worker, static files (Range), http:// via fsspec HTTPFileSystem/aiohttp"
+                how = "lua ngx.sleep in the access phase of every request"
+            else:
+                import boto3
 
-        fs, _ = store.filesystem("s3://bench")
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.pool) as pool:
-            got = sum(len(b) for b in pool.map(lambda s: fs.cat_file(s[0][5:], start=s[1], end=s[2]), spans))
-        base_s = time.perf_counter() - t0
-
-        cfg = RemoteConfig(prefetch_samples=args.pool)
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        stream = MixedStream([SourceSpec("bench", "s3://bench/s/")], micro_batch_size=1, seed=0, remote=cfg)
-        it = iter(stream)
-        next(it)  # start-up (first requests) outside the timed part, like the baseline's pool start
-        t0 = time.perf_counter()
-        for _ in range(args.samples):
-            batch = next(it)
-            assert batch["latents"].shape == (1, 16, 128, 128)
-        load_s = time.perf_counter() - t0
-        it.close()
-        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        base_rate, load_rate = got / base_s, args.samples * span_bytes / load_s
-        print(json.dumps({
-            "latency_ms": args.latency_ms, "pool": args.pool, "sample_bytes": span_bytes, "samples": args.samples,
-            "baseline_MBps": round(base_rate / 1e6, 1), "loader_MBps": round(load_rate / 1e6, 1),
-            "loader_share_of_baseline": round(load_rate / base_rate, 3),
-            "loader_samples_per_s": round(args.samples / load_s, 1),
-            "pool_memory_bound_MB": round(args.pool * span_bytes / 1e6, 1),
-            "peak_rss_growth_MB": round((rss1 - rss0) / 1024, 1), "io": stream.stats()["io"],
-            "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": os.getloadavg()}))
-    finally:
-        child.stdin.close()
-        child.wait(timeout=30)
+                child = subprocess.Popen([sys.executable, __file__, "--serve-moto", str(args.latency_ms)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                server_url, proxy_url = child.stdout.readline().split()
+                os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                                  AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=server_url)
+                boto3.client("s3", endpoint_url=server_url).create_bucket(Bucket="bench")
+                up = ObjectStore()
+                for f in sorted((tmp / "root" / "s").glob("*.tar")) + sorted((tmp / "root" / "s").glob("*.json")):
+                    up.put_file(str(f), f"s3://bench/s/{f.name}")  # uploads straight to moto, reads via the proxy
+                os.environ["AWS_ENDPOINT_URL"] = proxy_url
+                base, source = "s3://bench/s/", "s3://bench/s/"
+                served = "moto S3 server (Python) + Python latency proxy (tests/data/fault_proxy.py), child process"
+                how = "time.sleep per request in the proxy"
+            spans = [(f"{base}bench-{k:04d}.tar", *e["span"]) for k, idx in enumerate(indices)
+                     for e in idx["samples"]]
+            spans = [spans[(i * 7919) % len(spans)] for i in range(args.samples)]  # scattered, like the loader's
+            store = ObjectStore(cfg)
+            plain_gets(store, spans[: args.pool], args.pool)  # connections opened outside the timed part
+            plain, loads = [], []
+            for _ in range(args.repeat):
+                got, s = plain_gets(store, spans, args.pool)
+                plain.append(got / s)
+                load_s, rss_mb, io = loader_run(source, cfg, args.samples)
+                loads.append((args.samples * span_bytes / load_s, args.samples / load_s, rss_mb, io))
+            curl_rate = curl_gets(spans, args.pool)
+        finally:
+            if server is not None:
+                server.stop()
+            if child is not None:
+                child.stdin.close()
+                child.wait(timeout=30)
+    base_rate, (load_rate, sps, rss_mb, io) = max(plain), max(loads, key=lambda r: r[0])
+    print(json.dumps({
+        "server": args.server, "served_by": served, "latency_ms": args.latency_ms, "latency_added_by": how,
+        "pool": args.pool, "sample_bytes": span_bytes, "samples": args.samples,
+        "plain_get_MBps": round(base_rate / 1e6, 1), "loader_MBps": round(load_rate / 1e6, 1),
+        "loader_share_of_plain": round(load_rate / base_rate, 3), "loader_samples_per_s": round(sps, 1),
+        "rounds_plain_MBps": [round(r / 1e6, 1) for r in plain], "rounds_loader_MBps": [round(r[0] / 1e6, 1)
+                                                                                          for r in loads],
+        "curl_parallel_MBps": None if curl_rate is None else round(curl_rate / 1e6, 1),
+        "pool_memory_bound_MB": round(args.pool * span_bytes / 1e6, 1), "peak_rss_growth_MB": round(rss_mb, 1),
+        "io": io, "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}))
 
 
 if __name__ == "__main__":
