@@ -1,4 +1,5 @@
-"""Runtime helpers shared by every package: durable atomic writes, this process's rank, a free port.
+"""Runtime helpers shared by every package: durable atomic writes, this process's rank, a free port, returning freed
+heap memory to the OS.
 
 This module sits below every other ``anima_ft`` package (see docs/architecture.md): it imports nothing of the
 project, so data, model, train, eval and distill may all use it.
@@ -10,6 +11,8 @@ fsync'd so the rename itself survives a power loss. A reader sees the old file o
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import socket
@@ -92,3 +95,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_LIBC = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed but kept by the C allocator back to the OS (glibc ``malloc_trim``; a no-op where
+    there is none). Code that allocates and frees many large tensors of mixed sizes (one model block after another)
+    calls it between pieces: glibc serves tensors under its mmap threshold from a heap that fragments, and without
+    a trim the resident size grows with every piece (measured at full size: +67 MB per DiT block when writing a
+    random 2B model, 2.9 GB peak instead of 0.9 GB; docs/full_size_cpu.md)."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is not None:
+        trim(0)

@@ -71,6 +71,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        """The construction-time init (weight = 1), for modules materialized from the meta device."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reference.rms_norm(x, self.weight, self.eps)
 

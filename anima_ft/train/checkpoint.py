@@ -48,6 +48,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -231,6 +232,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 # -- save ---------------------------------------------------------------------------------------------------------
 def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_state: dict, keep_last: int) -> Path:
     """Write a complete checkpoint of ``step`` under ``root`` (collective; see the module docstring)."""
+    started = time.monotonic()
     _, rank = world_and_rank()
     hit = fault_hook(rank, step)
     tag = tag_for(step)
@@ -260,7 +262,7 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
         _prune(root, step, keep_last, hit)
         hit("pruned")
     _barrier()
-    logger.info("saved checkpoint %s", final)
+    logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - started)
     return final
 
 

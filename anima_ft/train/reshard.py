@@ -38,6 +38,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import deepspeed
@@ -140,7 +141,9 @@ def prepare_universal(ckpt: Path, param_names: list[str], ema: bool) -> Path:
             logger.info("converting %s to a universal checkpoint in %s (DeepSpeed ds_to_universal, rank 0)", ckpt,
                         final)
             try:
+                started = time.monotonic()
                 convert_to_universal(ckpt, param_names, ema)
+                logger.info("converted %s to a universal checkpoint in %.1f s", ckpt, time.monotonic() - started)
             except Exception as exc:  # re-raised below on every rank
                 logger.exception("universal conversion failed")
                 error = f"{type(exc).__name__}: {exc}"

@@ -141,12 +141,14 @@ class Trainer:
         if ckpt and reshard:
             self._resume_on_new_world_size(ckpt, saved_world)
         elif ckpt:
+            started = time.monotonic()
             rank_state = load_checkpoint(self.engine, ckpt)
             relink_optimizer_state(self.engine)
             if rank_state is not None:
                 set_rng_state(rank_state["rng"])
                 self.stream.load_state_dict(rank_state["data"])
-            logger.info("resumed from %s at step %d", ckpt, self.state["step"])
+            logger.info("resumed from %s at step %d (loaded in %.1f s)", ckpt, self.state["step"],
+                        time.monotonic() - started)
         elif self.base_weights:
             self.stream.set_weights(source_weights(self.stage, self.base_weights))
         if ckpt and loaded.get("global_batch_size", self.global_batch) != self.global_batch:
