@@ -96,6 +96,7 @@ class SpanPrefetcher:
 
     def _arrived(self, run: _Run, fut: Future) -> None:
         """The run's request is done (runs in the thread that finished it): fill the span slots or start decoding."""
+        run.future = None  # no cycle run -> future -> this callback -> run: the bytes go as soon as they are used
         if run.closed or fut.cancelled():
             return
         err = fut.exception()
@@ -164,7 +165,9 @@ class SpanPrefetcher:
         """Drop everything scheduled and stop the threads (requests in flight are cancelled or finish unused)."""
         for run in self._window:
             run.closed = True
-            run.future.cancel()
+            future = run.future
+            if future is not None:
+                future.cancel()
         self._queue.clear()
         self._window.clear()
         self._held = 0

@@ -173,7 +173,7 @@ def curl_gets(spans: list[tuple[str, int, int]], pool: int) -> float | None:
             f.write(f'url = "{url}"\nrange = "{a}-{b - 1}"\noutput = "/dev/null"\n')
     try:
         t0 = time.perf_counter()
-        subprocess.run([curl, "-sfZ", "--parallel-max", str(pool), "-K", f.name], check=True)
+        subprocess.run([curl, "-sfZ", "--parallel-max", str(pool), "-K", f.name], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return sum(b - a for _, a, b in spans) / (time.perf_counter() - t0)
     finally:
         os.unlink(f.name)
