@@ -71,7 +71,10 @@ class FaultProxy:
                 pass
 
             def _handle(self):
-                proxy._forward(self)
+                try:
+                    proxy._forward(self)
+                except (BrokenPipeError, ConnectionResetError):  # the client went away (a cancelled prefetch)
+                    self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
