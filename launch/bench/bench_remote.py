@@ -163,6 +163,19 @@ def plain_gets(store, spans: list[tuple[str, int, int]], pool: int) -> tuple[int
     return got, time.perf_counter() - t0
 
 
+def measured_latency_ms(store, span: tuple[str, int, int], n: int = 10) -> float:
+    """Median time of ``n`` sequential 1-byte ranged GETs: the latency one request sees (added + server)."""
+    from fsspec.asyn import sync
+
+    fs, path = store.filesystem(span[0])
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sync(fs.loop, fs._cat_file, path, start=span[1], end=span[1] + 1)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[n // 2] * 1e3
+
+
 def curl_gets(spans: list[tuple[str, int, int]], pool: int) -> float | None:
     """Bytes/s of ``curl --parallel`` fetching the same ranges (None without curl or for s3:// URLs)."""
     curl = shutil.which("curl")
@@ -185,19 +198,19 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def loader_run(source, cfg, samples: int) -> tuple[float, float, dict]:
+def loader_run(source, cfg, samples: int, micro: int = 1) -> tuple[float, float, dict]:
     """One MixedStream (num_workers 0): (seconds for ``samples`` batches after the first, peak RSS growth MB over
     the RSS before the stream was made, sampled after every batch, io counters)."""
     from anima_ft.data import MixedStream, SourceSpec
 
     rss0 = peak = rss_mb()
-    stream = MixedStream([SourceSpec("bench", source)], micro_batch_size=1, seed=0, remote=cfg)
+    stream = MixedStream([SourceSpec("bench", source)], micro_batch_size=micro, seed=0, remote=cfg)
     it = iter(stream)
     next(it)  # start-up (the first requests) outside the timed part
     t0 = time.perf_counter()
-    for _ in range(samples):
+    for _ in range(samples // micro):
         batch = next(it)
-        assert batch["latents"].shape == (1, 16, 128, 128)
+        assert batch["latents"].shape == (micro, 16, 128, 128)
         peak = max(peak, rss_mb())
     load_s = time.perf_counter() - t0
     it.close()
@@ -216,10 +229,12 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2, help="alternating plain/loader rounds")
+    p.add_argument("--micro-batch", type=int, default=1, help="the loader's micro_batch_size")
     args = p.parse_args()
 
     from anima_ft.config.remote import RemoteConfig
     from anima_ft.data.object_store import ObjectStore
+    from anima_ft.data.sources import DECODE_THREADS
 
     cfg = RemoteConfig(prefetch_samples=args.pool)
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,12 +270,14 @@ def main() -> None:
             spans = [spans[(i * 7919) % len(spans)] for i in range(args.samples)]  # scattered, like the loader's
             store = ObjectStore(cfg)
             plain_gets(store, spans[: args.pool], args.pool)  # connections opened outside the timed part
+            latency = measured_latency_ms(store, spans[0])
             plain, loads = [], []
             for _ in range(args.repeat):
                 got, s = plain_gets(store, spans, args.pool)
                 plain.append(got / s)
-                load_s, rss_mb, io = loader_run(source, cfg, args.samples)
-                loads.append((args.samples * span_bytes / load_s, args.samples / load_s, rss_mb, io))
+                load_s, rss_mb, io = loader_run(source, cfg, args.samples, args.micro_batch)
+                n = args.samples // args.micro_batch * args.micro_batch
+                loads.append((n * span_bytes / load_s, n / load_s, rss_mb, io))
             curl_rate = curl_gets(spans, args.pool)
         finally:
             if server is not None:
@@ -271,7 +288,9 @@ def main() -> None:
     base_rate, (load_rate, sps, rss_mb, io) = max(plain), max(loads, key=lambda r: r[0])
     print(json.dumps({
         "server": args.server, "served_by": served, "latency_ms": args.latency_ms, "latency_added_by": how,
-        "pool": args.pool, "sample_bytes": span_bytes, "samples": args.samples,
+        "measured_request_latency_ms": round(latency, 1), "pool": args.pool, "micro_batch": args.micro_batch,
+        "decode_threads": DECODE_THREADS, "sample_bytes": span_bytes, "samples": args.samples,
+        "torch_threads": torch.get_num_threads(),
         "plain_get_MBps": round(base_rate / 1e6, 1), "loader_MBps": round(load_rate / 1e6, 1),
         "loader_share_of_plain": round(load_rate / base_rate, 3), "loader_samples_per_s": round(sps, 1),
         "rounds_plain_MBps": [round(r / 1e6, 1) for r in plain], "rounds_loader_MBps": [round(r[0] / 1e6, 1)

@@ -1,0 +1,92 @@
+"""SpanPrefetcher with submitted requests (Futures, as ObjectStore.submit_range makes them) and a decode step.
+
+The reference for every span is the slice of the source bytes (and its decode computed here in the test's thread).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+
+from anima_ft.data.prefetch import SpanPrefetcher
+
+DATA = bytes(range(256)) * 64
+
+
+class BadSample(Exception):
+    pass
+
+
+def make(depth=3, fail=(), bad=()):
+    """A prefetcher whose requests run in a thread pool via ``submit``; spans whose start is in ``fail`` fail
+    when fetched as part of a longer run, and spans starting in ``bad`` fail to decode."""
+    pool = ThreadPoolExecutor(4)
+    calls, decoded_in = [], []
+
+    def fetch(shard, start, end):
+        calls.append(("fetch", shard, start, end))
+        return DATA[start:end]
+
+    def submit(shard, start, end):
+        calls.append(("submit", shard, start, end))
+
+        def run():
+            if start in fail:
+                raise OSError(f"injected failure of [{start}, {end})")
+            return DATA[start:end]
+
+        return pool.submit(run)
+
+    def decode(span, tag, data):
+        decoded_in.append(threading.current_thread().name)
+        if span[1] in bad:
+            raise BadSample(span)
+        return (tag, sum(data))
+
+    pf = SpanPrefetcher(fetch, depth=depth, max_run_bytes=300, submit=submit, decode=decode)
+    return pf, calls, decoded_in, pool
+
+
+def test_decoded_spans_come_back_in_order_and_are_decoded_off_the_consumer_thread():
+    pf, calls, decoded_in, pool = make()
+    spans = [(0, i * 100, i * 100 + 100) for i in range(5)] + [(0, 40, 60), (1, 0, 10)]
+    pf.schedule(spans, tags=[f"t{i}" for i in range(len(spans))])
+    for i, span in enumerate(spans):
+        assert pf.take(*span) == (f"t{i}", sum(DATA[span[1]:span[2]]))
+        assert pf._held <= 3
+    assert calls[0] == ("submit", 0, 0, 300)  # adjacent spans coalesced into one request
+    assert all(c[0] == "submit" for c in calls)  # nothing fetched in the consumer's thread
+    assert decoded_in and all(name.startswith("span-decode") for name in decoded_in)
+    pf.close()
+    pool.shutdown()
+
+
+def test_a_failed_run_is_read_again_span_by_span_and_decode_errors_reach_take():
+    pf, calls, decoded_in, pool = make(fail={0}, bad={100})
+    spans = [(0, 0, 100), (0, 100, 200), (0, 200, 300)]
+    pf.schedule(spans, tags=["a", "b", "c"])
+    assert pf.take(*spans[0]) == ("a", sum(DATA[0:100]))  # the run [0, 300) failed: this span re-fetched alone
+    with pytest.raises(BadSample):
+        pf.take(*spans[1], tag="b")  # its own fetch works, its decode fails: the consumer sees the decode error
+    assert pf.take(*spans[2], tag="c") == ("c", sum(DATA[200:300]))
+    assert [c for c in calls if c[0] == "fetch"] == [("fetch", 0, 0, 100), ("fetch", 0, 100, 200),
+                                                    ("fetch", 0, 200, 300)]
+    pf.close()
+    pool.shutdown()
+
+
+def test_close_cancels_requests_in_flight():
+    futures = []
+
+    def submit(shard, start, end):
+        fut = Future()
+        futures.append(fut)
+        return fut  # never completed by anyone: only close() ends it
+
+    pf = SpanPrefetcher(lambda *s: b"", depth=4, submit=submit, decode=lambda span, tag, data: data)
+    pf.schedule([(0, i * 10, i * 10 + 5) for i in range(6)])
+    assert len(futures) == 4 and pf.scheduled == 6
+    pf.close()
+    assert all(f.cancelled() for f in futures) and pf.scheduled == 0
