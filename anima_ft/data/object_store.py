@@ -68,9 +68,6 @@ def location(url: str) -> str:
     return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
 
 
-READ_BUFSIZE = 4 << 20  # aiohttp's per-response buffer (64 KiB by default pauses the socket ~25x per 1.6 MB body)
-
-
 def _checked(out: Any, expect_len: int | None) -> Any:
     if expect_len is not None and len(out) != expect_len:
         raise ShortRead(f"got {len(out)} of {expect_len} bytes")
@@ -240,7 +237,7 @@ class ObjectStore:
 
             return fsspec.filesystem(protocol, skip_instance_cache=True, get_client=_http_client, client_kwargs={
                 "timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
-                "read_bufsize": READ_BUFSIZE, "limit": connections})
+                "limit": connections})
         return fsspec.filesystem(protocol, skip_instance_cache=True)
 
     def _call(self, what: str, url: str, fn: Callable[[], Any], expect_len: int | None = None) -> Any:

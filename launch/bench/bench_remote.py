@@ -230,7 +230,10 @@ def main() -> None:
     p.add_argument("--per-shard", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2, help="alternating plain/loader rounds")
     p.add_argument("--micro-batch", type=int, default=1, help="the loader's micro_batch_size")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads of this process (1, like a DataLoader worker process)")
     args = p.parse_args()
+    torch.set_num_threads(args.torch_threads)
 
     from anima_ft.config.remote import RemoteConfig
     from anima_ft.data.object_store import ObjectStore
