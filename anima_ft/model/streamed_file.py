@@ -21,7 +21,7 @@ from torch import nn
 from anima_ft.runtime import atomic_save_with, release_freed_memory
 
 from .config import AnimaConfig
-from .state_dict import CONFIG_METADATA_KEY, OFFICIAL_PREFIX, build_anima, dtype_name
+from .state_dict import CONFIG_METADATA_KEY, OFFICIAL_PREFIX, build_anima, dtype_name, strip_prefix
 
 _ALIGN = 8  # the header is padded with spaces so the data starts 8-byte aligned, as safetensors itself does
 
@@ -117,7 +117,7 @@ def _reset(piece: nn.Module, where: str, recurse: bool) -> None:
         module.reset_parameters()
 
 
-def random_anima_layout(cfg: AnimaConfig, dtype: torch.dtype = torch.bfloat16
+def anima_layout(cfg: AnimaConfig, dtype: torch.dtype = torch.bfloat16
                         ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``{"net." + name: (shape, dtype)}`` of every tensor of the model ``cfg`` describes, in state-dict order."""
     model = build_anima(cfg, device="meta")
@@ -163,7 +163,29 @@ def write_random_anima(path: str | os.PathLike, cfg: AnimaConfig, seed: int = 0,
     The file carries the config in its metadata like :func:`~anima_ft.model.state_dict.save_anima`'s, so
     ``load_anima`` reads it back with the same checks as an official file.
     """
-    layout = random_anima_layout(cfg, dtype)
+    layout = anima_layout(cfg, dtype)
     meta = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt", "anima_ft.random_seed": str(seed)}
     write_streamed(path, layout, lambda: random_anima_tensors(cfg, seed, dtype), meta)
     return sum(torch.Size(shape).numel() for shape, _ in layout.values())
+
+
+def save_anima_streamed(cfg: AnimaConfig, tensors: Mapping[str, object], path: str | os.PathLike,
+                        metadata: Mapping[str, str] | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
+    """What :func:`~anima_ft.model.state_dict.save_anima` writes (official names, ``dtype``, the config and
+    ``metadata`` in the header), from ``{internal name: tensor}`` without building the model: each tensor is cast
+    and written on its own. Values may be lazy (anything with ``.contiguous()`` that returns a tensor, such as
+    DeepSpeed's ``GatheredTensor``); a missing name is a ValueError before anything is written."""
+    layout = anima_layout(cfg, dtype)
+    missing = [n for n in layout if strip_prefix(n) not in tensors]
+    if missing:
+        raise ValueError(f"save_anima_streamed({path}): {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+    meta = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in layout:
+            value = tensors[strip_prefix(name)]
+            tensor = value if isinstance(value, torch.Tensor) else value.contiguous()
+            yield name, tensor.detach().to("cpu", dtype)
+
+    write_streamed(path, layout, produce, meta)

@@ -2,7 +2,7 @@
 
 The fp32 master weights are reassembled on the CPU from the ZeRO-1/2/3 shard files with DeepSpeed's
 ``zero_to_fp32`` reader (trainable parameters from the optimizer shards, frozen ones from the model-state files),
-so no GPU ever holds the full model. The result is written through ``anima_ft.model.save_anima``: ``net.`` keys,
+so no GPU ever holds the full model. The result is written one tensor at a time (``save_anima_streamed``): ``net.`` keys,
 adapter included, bf16, with the model config and the resolved training config in the metadata. ``--ema`` writes
 the EMA of the weights instead, as its own file.
 """
@@ -86,21 +86,26 @@ def check_shard_files(ckpt: Path, world_size: int | None) -> None:
         _check_archive(path)
 
 
-def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 ``{name: tensor}`` (internal names, no ``net.``) assembled on CPU from the ZeRO shards."""
+def fp32_state_dict(ckpt: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 ``{name: tensor}`` (internal names, no ``net.``) assembled on CPU from the ZeRO shards.
+
+    ``lazy``: ZeRO-3 parameters stay DeepSpeed ``GatheredTensor`` views over the (memory-mapped) shards until
+    ``.contiguous()`` is called on each, so an export holds one full tensor at a time instead of every one.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=lazy)
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
         # ZeRO-1 checkpoints carry no frozen-parameter fragments; frozen weights are exact in the module state instead
+        # (read only then, memory-mapped: at full size the module state is 4.2 GB)
         model_states = ckpt / "mp_rank_00_model_states.pt"
         if model_states.is_file():
-            module = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+            module = torch.load(model_states, map_location="cpu", weights_only=False, mmap=True)["module"]
             for name, tensor in module.items():
                 name = name.removeprefix("module.")
                 if name not in sd and tensor.numel() > 0:
-                    sd[name] = tensor.float()
+                    sd[name] = tensor if lazy else tensor.float()
     except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         # torch.load reports a damaged archive as RuntimeError; DeepSpeed's reader a missing entry as KeyError
         raise ValueError(f"{ckpt}: the ZeRO shards cannot be read ({type(exc).__name__}: {exc}); the checkpoint is "
@@ -145,9 +150,10 @@ def state_view(ckpt: Path, into: Path, key: str) -> Path:
 
 def export_checkpoint(ckpt: Path, out: Path, ema: bool = False) -> Path:
     """Write ``out`` (official bf16 single file) from the checkpoint ``ckpt`` (its EMA with ``ema``)."""
-    from anima_ft.model import AnimaConfig, build_anima, save_anima
+    from anima_ft.model import AnimaConfig
     from anima_ft.model.config import check_layout
     from anima_ft.model.state_dict import dtype_name
+    from anima_ft.model.streamed_file import save_anima_streamed
 
     state = read_trainer_state(ckpt)
     path = ckpt / "trainer.json"
@@ -163,22 +169,20 @@ def export_checkpoint(ckpt: Path, out: Path, ema: bool = False) -> Path:
         raise ValueError(f"{ckpt / 'trainer.json'}: model_config is invalid ({exc})") from exc
     world_size = state.get("world_size")
     check_shard_files(ckpt, world_size if isinstance(world_size, int) and world_size > 0 else None)
-    model = build_anima(cfg, device="meta")
-    if ema:
-        with tempfile.TemporaryDirectory() as tmp:
-            sd = fp32_state_dict(ema_view(ckpt, Path(tmp)))
-    else:
-        sd = fp32_state_dict(ckpt)
-    shapes, dtypes = {k: tuple(v.shape) for k, v in sd.items()}, {k: dtype_name(v.dtype) for k, v in sd.items()}
-    report = check_layout(cfg, shapes, dtypes)
-    if report:
-        raise ValueError(f"{ckpt}: the shard tensors do not match trainer.json's model_config: {report.message()}")
-    model.load_state_dict(sd, strict=True, assign=True)
     meta = {"anima_ft.step": str(state["step"]), "anima_ft.samples_seen": str(state["samples_seen"]),
             "anima_ft.weights": "ema" if ema else "trained"}
     if "train_config" in state:
         meta["anima_ft.train_config"] = state["train_config"]
-    save_anima(model, out, metadata=meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        sd = fp32_state_dict(ema_view(ckpt, Path(tmp)) if ema else ckpt, lazy=True)
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        dtypes = {k: dtype_name(v.dtype) for k, v in sd.items()}
+        report = check_layout(cfg, shapes, dtypes)
+        if report:
+            raise ValueError(f"{ckpt}: the shard tensors do not match trainer.json's model_config: {report.message()}")
+        # one tensor at a time, cast to bf16 as it is written (a whole-model fp32 dict plus a bf16 copy peaked at
+        # about 3x the file size at full size; docs/full_size_cpu.md)
+        save_anima_streamed(cfg, sd, out, metadata=meta)
     logger.info("exported %s (step %d) to %s", ckpt, state["step"], out)
     return Path(out)
 

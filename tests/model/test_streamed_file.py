@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from anima_ft.model import AnimaConfig, load_anima
 from anima_ft.model.state_dict import read_header
-from anima_ft.model.streamed_file import random_anima_layout, write_random_anima, write_streamed
+from anima_ft.model.streamed_file import anima_layout, write_random_anima, write_streamed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,7 +69,7 @@ def test_random_anima_loads_and_follows_the_default_init(tmp_path):
     model = load_anima(path)
     assert model.cfg == cfg and n == sum(p.numel() for p in model.parameters())
     sd = load_file(path)
-    assert list(sd) == list(random_anima_layout(cfg))  # state-dict order, official names
+    assert list(sd) == list(anima_layout(cfg))  # state-dict order, official names
     assert all(k.startswith("net.") and v.dtype == torch.bfloat16 for k, v in sd.items())
     for name, t in sd.items():
         if name.endswith("norm.weight"):
@@ -113,3 +113,32 @@ def test_peak_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
     extra_bytes = 2 * (runs[1]["params"] - runs[0]["params"])
     assert extra_bytes > 100e6
     assert runs[1]["growth"] - runs[0]["growth"] < extra_bytes / 4, runs
+
+
+def test_save_anima_streamed_writes_what_save_anima_writes(tmp_path):
+    """Same tensors, dtypes and metadata as ``save_anima`` of the same weights; lazy values (``.contiguous()``, as
+    DeepSpeed's GatheredTensor) are materialized one at a time; a missing tensor is named before anything is written."""
+    from anima_ft.model import build_anima, save_anima
+    from anima_ft.model.streamed_file import save_anima_streamed
+
+    class Lazy:
+        def __init__(self, t):
+            self.t, self.shape, self.dtype = t, t.shape, t.dtype
+
+        def contiguous(self):
+            return self.t.clone()
+
+    model = build_anima(AnimaConfig.tiny(), seed=2)
+    sd = model.state_dict()
+    save_anima(model, tmp_path / "ref.safetensors", metadata={"anima_ft.step": "7"})
+    values = {k: (Lazy(v) if i % 2 else v) for i, (k, v) in enumerate(sd.items())}
+    save_anima_streamed(model.cfg, values, tmp_path / "s.safetensors", metadata={"anima_ft.step": "7"})
+    ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "s.safetensors")
+    assert ref.keys() == got.keys()
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], ref[k]) for k in ref)
+    with safe_open(tmp_path / "ref.safetensors", "pt") as a, safe_open(tmp_path / "s.safetensors", "pt") as b:
+        assert a.metadata() == b.metadata()
+    del values["blocks.1.mlp.layer2.weight"]
+    with pytest.raises(ValueError, match="blocks.1.mlp.layer2.weight"):
+        save_anima_streamed(model.cfg, values, tmp_path / "missing.safetensors")
+    assert not (tmp_path / "missing.safetensors").exists()
