@@ -70,11 +70,14 @@ class FaultProxy:
             def log_message(self, *args):  # quiet
                 pass
 
-            def _handle(self):
+            def handle(self):
                 try:
-                    proxy._forward(self)
-                except (BrokenPipeError, ConnectionResetError):  # the client went away (a cancelled prefetch)
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):  # the client went away (a cancelled prefetch, exit)
                     self.close_connection = True
+
+            def _handle(self):
+                proxy._forward(self)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
