@@ -14,7 +14,7 @@ silent second try of an idempotent request whose keep-alive connection was reset
 failed HTTP request is seen, retried and counted here exactly once.
 
 Ranged reads on asynchronous filesystems (s3fs, gcsfs, HTTP) can be started without a thread per request
-(:meth:`ObjectStore.submit_range`): the request and its retries run as one coroutine on the filesystem's event
+(:meth:`ObjectStore.submit_ranges`): each request and its retries run as one coroutine on the filesystem's event
 loop, and the caller gets a ``concurrent.futures.Future``. A request that still fails is a
 :class:`RemoteReadError`; a bucket (or host) whose requests fail ``unreachable_after_failures`` times in a row,
 with no success in between, is :class:`StorageUnreachable` (a ``RuntimeError`` naming it).
@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -106,6 +106,29 @@ def _botocore_session_class():
             return session
 
     return CountedRetriesSession
+
+
+def _start_all(loop: asyncio.AbstractEventLoop, batch: list[tuple[Future, Awaitable]]) -> None:
+    """On ``loop``: run each coroutine as a task whose outcome goes to its ``concurrent.futures.Future`` (which
+    stays pending, so cancellable, until then; cancelling it cancels the task)."""
+    for fut, coro in batch:
+        if fut.cancelled():
+            coro.close()
+            continue
+        task = loop.create_task(coro)
+        task.add_done_callback(lambda t, f=fut: _settle(f, t))
+        fut.add_done_callback(lambda f, t=task: f.cancelled() and loop.call_soon_threadsafe(t.cancel))
+
+
+def _settle(fut: Future, task: asyncio.Task) -> None:
+    if not fut.set_running_or_notify_cancel():  # cancelled by the caller meanwhile
+        return
+    if task.cancelled():
+        fut.set_exception(CancelledError(f"request task {task.get_name()} was cancelled"))
+    elif task.exception() is not None:
+        fut.set_exception(task.exception())
+    else:
+        fut.set_result(task.result())
 
 
 class ShortRead(OSError):
@@ -313,15 +336,25 @@ class ObjectStore:
         fs, path = self.filesystem(url)
         return self._call("GET range", url, lambda: fs.cat_file(path, start=start, end=end), expect_len=end - start)
 
-    def submit_range(self, url: str, start: int, end: int) -> Future | None:
-        """Start :meth:`read_range` as a coroutine on the filesystem's event loop: a ``Future`` of the bytes, or
-        None when the filesystem is not asynchronous (the caller reads in a thread)."""
-        fs, path = self.filesystem(url)
-        if not getattr(fs, "async_impl", False) or getattr(fs, "loop", None) is None:
-            return None
-        return asyncio.run_coroutine_threadsafe(
-            self._acall("GET range", url, lambda: fs._cat_file(path, start=start, end=end), expect_len=end - start),
-            fs.loop)
+    def submit_ranges(self, ranges: list[tuple[str, int, int]]) -> list[Future | None]:
+        """Start :meth:`read_range` of each ``(url, start, end)`` as a coroutine on its filesystem's event loop,
+        waking the loop once for all of them: a ``Future`` of the bytes each, or None where the filesystem is not
+        asynchronous (the caller reads that one in a thread). Cancelling a Future cancels its request."""
+        out: list[Future | None] = []
+        jobs: dict[Any, list] = {}
+        for url, start, end in ranges:
+            fs, path = self.filesystem(url)
+            if not getattr(fs, "async_impl", False) or getattr(fs, "loop", None) is None:
+                out.append(None)
+                continue
+            fut: Future = Future()
+            out.append(fut)
+            jobs.setdefault(fs.loop, []).append((fut, self._acall(
+                "GET range", url, lambda fs=fs, p=path, a=start, b=end: fs._cat_file(p, start=a, end=b),
+                expect_len=end - start)))
+        for loop, batch in jobs.items():
+            loop.call_soon_threadsafe(_start_all, loop, batch)
+        return out
 
     def read_bytes(self, url: str) -> bytes:
         """A whole (small) object, e.g. a shard index."""

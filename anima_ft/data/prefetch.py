@@ -41,13 +41,14 @@ class SpanPrefetcher:
     """Fetch scheduled spans ahead, at most ``depth`` at a time (see the module docstring).
 
     fetch(shard, start, end) -> bytes does the request (with its own retries); its exceptions reach ``take``.
-    submit(shard, start, end) -> Future of those bytes, or None to use ``fetch`` in a thread for this request.
+    submit([(shard, start, end), ...]) -> a Future of the bytes of each request, or None to read that one with
+    ``fetch`` in a thread. Once the pool is full, requests are started in groups of ``depth // 8``.
     decode(span, tag, data) -> the object ``take`` returns for a span (``tag`` is what ``schedule`` was given with
     it); its exceptions reach ``take`` too. Without ``decode``, ``take`` returns the bytes.
     """
 
     def __init__(self, fetch: Callable[[int, int, int], bytes], depth: int, max_run_bytes: int = MAX_RUN_BYTES,
-                 submit: Callable[[int, int, int], Future | None] | None = None,
+                 submit: Callable[[list[Span]], list[Future | None]] | None = None,
                  decode: Callable[[Span, Any, bytes], Any] | None = None, decode_threads: int = 1):
         if depth < 1:
             raise ValueError(f"prefetch depth={depth} must be >= 1")
@@ -55,6 +56,7 @@ class SpanPrefetcher:
             raise ValueError(f"prefetch decode_threads={decode_threads} must be >= 1")
         self._fetch, self.depth, self.max_run_bytes = fetch, depth, max_run_bytes
         self._submit, self._decode, self._decode_threads = submit, decode, decode_threads
+        self._refill = max(1, depth // 8)
         self._queue: deque[tuple[Span, Any]] = deque()
         self._window: deque[_Run] = deque()
         self._held = 0  # spans in the window (in flight, fetched or decoded, not taken)
@@ -74,6 +76,10 @@ class SpanPrefetcher:
         return len(self._queue) + self._held
 
     def _fill(self) -> None:
+        free = self.depth - self._held
+        if not self._queue or free <= 0 or (self._window and free < self._refill):
+            return  # refills come in groups of _refill spans: one wake-up of the event loop per group
+        runs = []
         while self._queue and self._held < self.depth:
             span, tag = self._queue.popleft()
             run = _Run(*span, deque([(span, tag, Future())]))
@@ -83,16 +89,20 @@ class SpanPrefetcher:
                 run.spans.append((span, tag, Future()))
                 run.end = span[2]
             run.items = list(run.spans)
-            if self._decode is not None and self._decoders is None:
-                self._decoders = ThreadPoolExecutor(max_workers=self._decode_threads, thread_name_prefix="span-decode")
-            run.future = self._submit(run.shard, run.start, run.end) if self._submit is not None else None
-            if run.future is None:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="span-prefetch")
-                run.future = self._pool.submit(self._fetch, run.shard, run.start, run.end)
-            run.future.add_done_callback(lambda fut, run=run: self._arrived(run, fut))
             self._window.append(run)
             self._held += len(run.spans)
+            runs.append(run)
+        if self._decode is not None and self._decoders is None:
+            self._decoders = ThreadPoolExecutor(max_workers=self._decode_threads, thread_name_prefix="span-decode")
+        submitted = (self._submit([(r.shard, r.start, r.end) for r in runs]) if self._submit is not None
+                     else [None] * len(runs))
+        for run, future in zip(runs, submitted, strict=True):
+            if future is None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="span-prefetch")
+                future = self._pool.submit(self._fetch, run.shard, run.start, run.end)
+            run.future = future
+            future.add_done_callback(lambda fut, run=run: self._arrived(run, fut))
 
     def _arrived(self, run: _Run, fut: Future) -> None:
         """The run's request is done (runs in the thread that finished it): fill the span slots or start decoding."""

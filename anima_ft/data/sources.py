@@ -341,8 +341,8 @@ class ShardReader:
     def _fetch(self, shard: int, start: int, end: int) -> bytes:
         return self.store.read_range(self.catalog.shard_paths[shard], start, end)
 
-    def _submit(self, shard: int, start: int, end: int):
-        return self.store.submit_range(self.catalog.shard_paths[shard], start, end)
+    def _submit(self, spans: list[tuple[int, int, int]]) -> list:
+        return self.store.submit_ranges([(self.catalog.shard_paths[k], a, b) for k, a, b in spans])
 
     def _decode(self, span: tuple[int, int, int], entry: dict, data: bytes) -> dict:
         return decode_span(data, entry, self.catalog.qwen_dim)

@@ -29,15 +29,15 @@ def make(depth=3, fail=(), bad=()):
         calls.append(("fetch", shard, start, end))
         return DATA[start:end]
 
-    def submit(shard, start, end):
-        calls.append(("submit", shard, start, end))
+    def submit(spans):
+        calls.extend(("submit", *span) for span in spans)
 
-        def run():
+        def run(start, end):
             if start in fail:
                 raise OSError(f"injected failure of [{start}, {end})")
             return DATA[start:end]
 
-        return pool.submit(run)
+        return [pool.submit(run, start, end) for _, start, end in spans]
 
     def decode(span, tag, data):
         decoded_in.append(threading.current_thread().name)
@@ -80,13 +80,28 @@ def test_a_failed_run_is_read_again_span_by_span_and_decode_errors_reach_take():
 def test_close_cancels_requests_in_flight():
     futures = []
 
-    def submit(shard, start, end):
-        fut = Future()
-        futures.append(fut)
-        return fut  # never completed by anyone: only close() ends it
+    def submit(spans):
+        futures.extend(Future() for _ in spans)  # never completed by anyone: only close() ends them
+        return futures[-len(spans):]
 
     pf = SpanPrefetcher(lambda *s: b"", depth=4, submit=submit, decode=lambda span, tag, data: data)
     pf.schedule([(0, i * 10, i * 10 + 5) for i in range(6)])
     assert len(futures) == 4 and pf.scheduled == 6
     pf.close()
     assert all(f.cancelled() for f in futures) and pf.scheduled == 0
+
+
+def test_refills_start_in_groups_of_an_eighth_of_the_depth():
+    pf, calls, _, pool = make(depth=16)
+    spans = [(k, 0, 10) for k in range(40)]  # different shards: no coalescing, one request per span
+    pf.schedule(spans, tags=list(range(40)))
+    assert len(calls) == 16
+    pf.take(*spans[0])
+    assert len(calls) == 16  # one free slot: below the group of 2, nothing started (no loop wake-up)
+    pf.take(*spans[1])
+    assert len(calls) == 18 and calls[16:] == [("submit", 16, 0, 10), ("submit", 17, 0, 10)]
+    for span in spans[2:]:
+        assert pf.take(*span)[0] == span[0]
+        assert pf._held <= 16
+    pf.close()
+    pool.shutdown()
