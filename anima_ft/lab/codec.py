@@ -4,11 +4,14 @@ Each non-overlapping ``p x p`` RGB patch (``p = 8``, the VAE's downscale) of an 
 ``x`` of ``3 p^2`` numbers. Fitting on the lab's images gives the patch mean ``mu`` and the top-16 principal
 directions ``U`` (rows, unit norm) with variances ``lambda``. Then, per patch,
 
-    z   = U (x - mu) / sqrt(lambda)          # encode: 16 normalized channels, unit variance on the fit data
-    x^  = mu + U^T (sqrt(lambda) * z)        # decode: the best rank-16 linear reconstruction
+    z   = U (x - mu) / s                     # encode: 16 normalized channels
+    x^  = mu + U^T (s * z)                   # decode: the best rank-16 linear reconstruction
 
-so an image ``[3, H, W]`` maps to a latent ``[16, H/8, W/8]``: the same shape contract as the VAE
-(``anima_ft.data.shard_format``) and, like normalized VAE latents, roughly unit variance per channel. The fit is a
+with ``s = sqrt(lambda)`` per channel (``normalize="channel"``: unit variance per channel on the fit data) or one
+``s = sqrt(mean(lambda))`` for all channels (``normalize="global"``: unit mean variance, latent squared error
+proportional to pixel squared error; measured worse for the lab's samples, docs/lab.md). An image ``[3, H, W]``
+maps to a latent ``[16, H/8, W/8]``: the same shape contract as the VAE (``anima_ft.data.shard_format``) and, like
+normalized VAE latents, roughly unit variance. The fit is a
 float64 eigendecomposition of the patch covariance, deterministic for a given set of images; the fingerprint is a
 hash of the fitted tensors, so shards written with another fit are refused by the loader.
 
@@ -25,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 LATENT_CHANNELS = 16
 PATCH = 8
+NORMALIZE = ("channel", "global")  # per-channel unit variance, or one scale for all channels (PCAPatchCodec.fit)
 
 
 class PCAPatchCodec:
@@ -47,11 +51,18 @@ class PCAPatchCodec:
         return self.basis_C_D.shape[0]
 
     @classmethod
-    def fit(cls, pixels_B_3_H_W: torch.Tensor, channels: int = LATENT_CHANNELS, patch: int = PATCH) -> PCAPatchCodec:
+    def fit(cls, pixels_B_3_H_W: torch.Tensor, channels: int = LATENT_CHANNELS, patch: int = PATCH,
+            normalize: str = "channel") -> PCAPatchCodec:
         """Fit on images in ``[-1, 1]`` (H and W multiples of ``patch``); float64, deterministic.
 
+        ``normalize``: ``channel`` divides channel c by ``sqrt(lambda_c)`` (unit variance per channel); ``global``
+        divides every channel by ``sqrt(mean_c lambda_c)`` (unit variance on average, channel c keeps its share
+        ``lambda_c / mean(lambda)``), so a squared error in latent space is proportional to the squared error of the
+        reconstructed pixels (the basis is orthonormal) and the flow loss weighs each direction by what it draws.
         Eigenvector signs are fixed so that each direction's largest-magnitude entry is positive.
         """
+        if normalize not in NORMALIZE:
+            raise ValueError(f"codec normalize={normalize!r}; use one of {list(NORMALIZE)}")
         x_N_D = _to_patches(pixels_B_3_H_W.double(), patch)
         if x_N_D.shape[0] <= channels:
             raise ValueError(f"need more than {channels} patches to fit the codec, got {x_N_D.shape[0]}")
@@ -65,6 +76,8 @@ class PCAPatchCodec:
         basis_C_D = basis_C_D * sign
         # A floor keeps near-zero directions (e.g. constant patches) from blowing up the normalized latent.
         scale_C = evals[order].clamp_min(1e-8 * float(evals.max())).sqrt()
+        if normalize == "global":
+            scale_C = torch.full_like(scale_C, float(evals[order].mean().sqrt()))
         return cls(mean_D, basis_C_D, scale_C, patch)
 
     def encode(self, pixels_B_3_H_W: torch.Tensor) -> torch.Tensor:

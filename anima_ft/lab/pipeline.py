@@ -32,6 +32,7 @@ SPLITS = ("target_train", "replay_train", "target_probe", "replay_probe")
 TEXT_WIDTH = 32  # = AnimaConfig.tiny().adapter.source_dim
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAB_DATA_VERSION = 1  # bump when digits / codec / text-stack code changes what the shards hold
+PROGRESS_EVERY_S = 10.0  # a training run logs its step and ETA at least this often
 DIT_KINDS = ("self_attn", "cross_attn", "mlp", "mod", "base")  # the DiT's LR groups (anima_ft.model.groups)
 
 
@@ -69,7 +70,8 @@ def prepare_data(data_dir: Path, data_settings: dict) -> dict:
                                data_settings["image_size"], data_settings["seed"],
                                data_settings["max_train_per_class"])
     train_images = [s.image for name in ("target_train", "replay_train") for s in splits[name]]
-    codec = PCAPatchCodec.fit(torch.from_numpy(pixels_from_images(train_images)))
+    codec = PCAPatchCodec.fit(torch.from_numpy(pixels_from_images(train_images)),
+                              normalize=data_settings.get("codec_normalize", "channel"))
     data_dir.mkdir(parents=True, exist_ok=True)
     codec.save(codec_path)
     counts = {}
@@ -87,8 +89,53 @@ def prepare_data(data_dir: Path, data_settings: dict) -> dict:
     return {**result, "reused": False, "seconds": time.perf_counter() - t0}
 
 
+def last_logged_step(metrics_path: Path) -> int:
+    """The largest ``step`` of a training row in a growing ``metrics.jsonl`` (0 if none yet; a torn last line is
+    skipped, the writer is still appending it)."""
+    if not metrics_path.is_file():
+        return 0
+    step = 0
+    for line in metrics_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in row:
+            step = max(step, int(row["step"]))
+    return step
+
+
+def progress_line(name: str, step: int, num_steps: int, elapsed: float, first: tuple[float, int] | None) -> str:
+    """``"ft_x: step 40/150 (27%), 5.1 steps/s, ETA 22 s (38 s so far)"``; the rate is measured from the first logged
+    step ``first = (time, step)`` so the ranks' start-up is not counted in it."""
+    if step == 0 or num_steps <= 0 or first is None:
+        return f"{name}: starting {'' if num_steps <= 0 else f'{num_steps} steps '}({elapsed:.0f} s so far)"
+    t_first, s_first = first
+    rate = (step - s_first) / max(elapsed - t_first, 1e-9) if step > s_first else 0.0
+    eta = f"ETA {(num_steps - step) / rate:.0f} s" if rate > 0 else "ETA unknown"
+    return (f"{name}: step {step}/{num_steps} ({100 * step / num_steps:.0f}%), {rate:.1f} steps/s, {eta} "
+            f"({elapsed:.0f} s so far)")
+
+
+def wait_with_progress(proc: subprocess.Popen, run_dir: Path, num_steps: int, t0: float) -> int:
+    """Wait for the launcher; log :func:`progress_line` every ``PROGRESS_EVERY_S`` s; returns its exit code."""
+    first, last_print = None, time.perf_counter()
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.perf_counter()
+        if now - last_print >= PROGRESS_EVERY_S:
+            step = last_logged_step(run_dir / "metrics.jsonl")
+            if step and first is None:
+                first = (now - t0, step)
+            logger.info(progress_line(run_dir.name, step, num_steps, now - t0, first))
+            last_print = now
+
+
 def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: int, probe_sets: dict[str, Path],
-                    export_path: Path, reuse: bool = False) -> float | None:
+                    export_path: Path, reuse: bool = False, num_steps: int = 0) -> float | None:
     """``deepspeed --num_gpus nproc launch/train.py --config CONFIG ...`` into a fresh ``run_dir``, then
     ``anima-ft export`` of its last checkpoint to ``export_path``; returns seconds.
 
@@ -97,6 +144,8 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
     ``reuse=True`` skips the run (returns None) when ``run_dir/done.json`` records the same command and recipe text.
 
     The launcher's output goes to ``run_dir/train.log``; a failed run raises RuntimeError with the log's tail.
+    While it trains, a progress line (step of ``num_steps``, steps/s, ETA; read from ``metrics.jsonl``) is logged at
+    least every ``PROGRESS_EVERY_S`` seconds.
     """
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     args = [str(REPO_ROOT / "launch" / "train.py"), "--config", str(config)]
@@ -121,7 +170,8 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
     logger.info("training %s (%d ranks), log: %s", run_dir.name, nproc, run_dir / "train.log")
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT).returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        rc = wait_with_progress(proc, run_dir, num_steps, t0)
     if rc != 0:
         tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"training run {run_dir} failed (exit {rc}); last lines of train.log:\n{tail}")
@@ -184,8 +234,52 @@ def _label(path: Path) -> int:
     return int(path.name[len("digit")])  # keys are digit<label>_<index>
 
 
+class SampleScorer:
+    """The lab's sample scoring: the digit classifier (fitted on the training images), the codec, the text stack,
+    the ten captions ("a handwritten digit <word>") and the prompt groups (target / replay classes)."""
+
+    def __init__(self, data_dir: Path, seed: int, target: tuple[int, ...]):
+        from anima_ft.lab.classify import DigitClassifier
+        from anima_ft.lab.digits import caption_for
+
+        self.data_dir, self.seed = data_dir, seed
+        self.codec = PCAPatchCodec.load(data_dir / "codec.safetensors")
+        self.text = build_text_encoder(seed)
+        train = sorted((data_dir / "images").glob("*_train/*.png"))
+        self.classifier = DigitClassifier(_png_batch(train), [_label(p) for p in train])
+        self.groups = {"target": [c for c in range(10) if c in target], "replay": [c for c in range(10)
+                                                                                   if c not in target]}
+        self.captions = [caption_for(c, 0) for c in range(10)]
+        probe = sorted((data_dir / "images").glob("*_probe/*.png"))
+        self.probe_by_class = [[p for p in probe if _label(p) == c] for c in range(10)]
+        self.image_size = _png_batch(probe[:1]).shape[-1]
+
+    def score(self, images_10_n: torch.Tensor) -> dict[str, float]:
+        """``{"target": acc, "replay": acc, "n_target": n, "n_replay": n}`` of ``[10, n, 3, H, W]`` images whose row
+        c was prompted with digit c."""
+        n = images_10_n.shape[1]
+        pred = self.classifier.predict(images_10_n.flatten(0, 1)).reshape(10, n)
+        out = {g: float(np.mean([pred[c] == c for c in cs])) for g, cs in self.groups.items()}
+        return {**out, **{f"n_{g}": n * len(cs) for g, cs in self.groups.items()}}
+
+    def real(self) -> torch.Tensor:
+        """Held-out real images after the codec round trip, ``[10, n, 3, H, W]`` (n = the smallest class count)."""
+        n_real = min(len(row) for row in self.probe_by_class)
+        pixels = _png_batch([p for row in self.probe_by_class for p in row[:n_real]])
+        real = self.codec.decode(self.codec.encode(pixels)).clamp(-1, 1)
+        return real.view(10, n_real, *real.shape[1:])
+
+    def sample(self, model, per_class: int, num_steps: int, guidance: float, shift: float) -> torch.Tensor:
+        """``[10, per_class, 3, H, W]`` samples of ``model`` for the ten captions (same noises in every row)."""
+        from anima_ft.lab.grids import sample_digits
+
+        return sample_digits(model, self.text, self.codec, self.captions, per_class,
+                             self.image_size // self.codec.patch, seed=self.seed, num_steps=num_steps,
+                             guidance_scale=guidance, shift=shift)
+
+
 def make_grids(checkpoints: dict[str, Path], data_dir: Path, out_dir: Path, seed: int, target: tuple[int, ...],
-               per_class: int, scored_per_class: int, num_steps: int, guidance: float) -> dict:
+               per_class: int, scored_per_class: int, num_steps: int, guidance: float, shift: float = 1.0) -> dict:
     """Sample ``scored_per_class`` images per digit from every checkpoint, score them with the digit classifier,
     and save grids of the first ``per_class`` (plus the codec round trip of real probe images).
 
@@ -194,47 +288,30 @@ def make_grids(checkpoints: dict[str, Path], data_dir: Path, out_dir: Path, seed
     "n_replay": n}}}``; the checkpoint
     ``real probe images`` is the classifier's accuracy on held-out real images after the codec round trip.
     """
-    from anima_ft.lab.classify import DigitClassifier
-    from anima_ft.lab.digits import caption_for
-    from anima_ft.lab.grids import sample_digits, save_grid
+    from anima_ft.lab.grids import save_grid
     from anima_ft.model import load_anima
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # nothing else runs now: use every core
-    codec = PCAPatchCodec.load(data_dir / "codec.safetensors")
-    text = build_text_encoder(seed)
-    train = sorted((data_dir / "images").glob("*_train/*.png"))
-    classifier = DigitClassifier(_png_batch(train), [_label(p) for p in train])
-    labels = list(range(10))
-    groups = {"target": [c for c in labels if c in target], "replay": [c for c in labels if c not in target]}
-
-    def score(images_10_n: torch.Tensor) -> dict[str, float]:
-        n = images_10_n.shape[1]
-        pred = classifier.predict(images_10_n.flatten(0, 1)).reshape(10, n)
-        out = {g: float(np.mean([pred[c] == c for c in cs])) for g, cs in groups.items()}
-        return {**out, **{f"n_{g}": n * len(cs) for g, cs in groups.items()}}
-
+    scorer = SampleScorer(data_dir, seed, target)
+    labels = [str(c) for c in range(10)]
     grids, accuracy = {}, {}
-    probe = sorted((data_dir / "images").glob("*_probe/*.png"))
-    by_class = [[p for p in probe if _label(p) == c] for c in labels]
-    n_real = min(len(row) for row in by_class)
-    real = codec.decode(codec.encode(_png_batch([p for row in by_class for p in row[:n_real]]))).clamp(-1, 1)
-    real = real.view(10, n_real, *real.shape[1:])
-    accuracy["real probe images"] = score(real)
-    grids["real probe images (codec round trip)"] = str(save_grid(real[:, :per_class], out_dir / "real.png",
-                                                                  [str(c) for c in labels]))
-    captions = [caption_for(c, 0) for c in labels]
-    for name, path in checkpoints.items():
+    real = scorer.real()
+    accuracy["real probe images"] = scorer.score(real)
+    grids["real probe images (codec round trip)"] = str(save_grid(real[:, :per_class], out_dir / "real.png", labels))
+    t0 = time.perf_counter()
+    for i, (name, path) in enumerate(checkpoints.items()):
+        logger.info("sample grids: %s (%d of %d, %.0f s so far)", name, i + 1, len(checkpoints),
+                    time.perf_counter() - t0)
         model = load_anima(str(path), dtype=torch.float32)
-        images = sample_digits(model, text, codec, captions, scored_per_class, real.shape[-1] // codec.patch,
-                               seed=seed, num_steps=num_steps, guidance_scale=guidance)
-        accuracy[name] = score(images)
+        images = scorer.sample(model, scored_per_class, num_steps, guidance, shift)
+        accuracy[name] = scorer.score(images)
         grids[f"{name}: samples for 'a handwritten digit <row>'"] = str(
-            save_grid(images[:, :per_class], out_dir / f"{name}.png", [str(c) for c in labels]))
+            save_grid(images[:, :per_class], out_dir / f"{name}.png", labels))
     with open(out_dir / "sample_accuracy.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["checkpoint", "prompts", "accuracy", "num_samples"])
         for name, acc in accuracy.items():
-            for g in groups:
+            for g in scorer.groups:
                 w.writerow([name, g, repr(acc[g]), acc[f"n_{g}"]])
     return {"grids": grids, "accuracy": accuracy}

@@ -214,7 +214,8 @@ def write_report(out_dir: Path, variants: list[VariantResult], meta: dict) -> Pa
 
     ``meta`` keys: ``seed``, ``sigmas``, ``num_noises``, ``held_out`` / ``target`` (set names), ``baseline`` (the
     no-replay variant's name), ``drift_groups``, ``grids`` ({title: png path relative to out_dir}), ``configs``
-    ({name: resolved config path relative to out_dir}), ``setup`` (list of markdown lines), ``timings`` ({step: s}).
+    ({name: resolved config path relative to out_dir}), ``setup`` (list of markdown lines), ``timings`` ({step: s});
+    optional ``extra_sections`` (markdown lines placed after the interpretation) and ``load_average``.
     """
     out_dir = Path(out_dir)
     sets = [meta["held_out"], meta["target"]]
@@ -232,6 +233,7 @@ def write_report(out_dir: Path, variants: list[VariantResult], meta: dict) -> Pa
     lines += ["## What the numbers say", ""]
     lines += interpretation(variants, meta["held_out"], meta["target"], meta["baseline"])
     lines += sample_sentences(meta.get("sample_accuracy", {}), [v.name for v in variants]) + [""]
+    lines += list(meta.get("extra_sections", []))
     lines += ["## Forgetting curves", "", "![forgetting curves](forgetting.png)", ""]
     lines += ["## Probe loss per variant (start = the base model, end = the last step)", ""]
     for v in variants:
@@ -251,6 +253,9 @@ def write_report(out_dir: Path, variants: list[VariantResult], meta: dict) -> Pa
     if meta.get("timings"):
         lines += ["## Timings", "", "| step | seconds |", "|---|---|"]
         lines += [f"| {k} | {'reused' if s is None else f'{s:.1f}'} |" for k, s in meta["timings"].items()] + [""]
+        if meta.get("load_average"):
+            lines += ["Load average (1, 5, 15 min) of the machine when the report was written: "
+                      + ", ".join(f"{x:.2f}" for x in meta["load_average"]) + ".", ""]
     if meta.get("configs"):
         lines += ["## Resolved configs", "", "Each run's full resolved training config (defaults < recipe < the lab's "
                   "overrides), as the trainer wrote it into its run directory.", ""]

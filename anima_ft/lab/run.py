@@ -27,22 +27,38 @@ from pathlib import Path
 import torch
 
 from anima_ft.eval.probe import read_probe_log
-from anima_ft.lab import pipeline
+from anima_ft.lab import compare, pipeline
 from anima_ft.lab.report import VariantResult, mean, write_report
 
 logger = logging.getLogger(__name__)
-VARIANTS = {
-    "no_replay": ("ft_no_replay.yaml", "Target digits only; every parameter group trainable."),
-    "replay25": ("ft_replay25.yaml", "Every batch: 75% target digits, 25% replay-class digits (training images)."),
+VARIANTS = {  # name: (recipe, description, training-seed offset)
+    "no_replay": ("ft_no_replay.yaml", "Target digits only; every parameter group trainable.", 0),
+    "replay25": ("ft_replay25.yaml", "Every batch: 75% target digits, 25% replay-class digits (training images).", 0),
+    "preserve": ("ft_preserve.yaml",
+                 "Every batch: 75% target digits (flow loss), 25% replay-class digits whose loss is the squared "
+                 "difference to the frozen base model's velocity (output preservation, `distill.enabled`, own "
+                 "adapter).", 0),
+    "replay_preserve": ("ft_replay_preserve.yaml",
+                        "Every batch: 75% target digits, 12.5% replay-class digits with the flow loss (replay), "
+                        "12.5% with the preservation loss against the frozen base.", 0),
+    "no_replay_seed1": ("ft_no_replay.yaml",
+                        "The no_replay recipe with the next training seed (data order, noise draws; same base and "
+                        "probe): the noise floor every difference is compared with.", 1),
     "adapter_frozen_first": ("ft_adapter_frozen_first.yaml",
                              "Target digits only; the LLM adapter is frozen (LR 0) for the first half of the steps, "
-                             "then every group trains."),
+                             "then every group trains.", 0),
 }
+DEFAULT_VARIANTS = ("no_replay", "replay25", "preserve", "replay_preserve", "no_replay_seed1")
+FLOOR = "no_replay_seed1"
 HELD_OUT, TARGET = "replay_classes", "target_classes"
-FULL = {"pretrain_steps": 400, "finetune_steps": 150, "probe_every": 25, "probe_per_class": 6,
-        "max_train_per_class": 0, "grid_per_class": 4, "scored_per_class": 10, "grid_steps": 16}
+# codec_normalize: PCAPatchCodec.fit's normalize; "global" read worse in docs/lab.md's measurements
+DEFAULT = {"pretrain_steps": 400, "finetune_steps": 150, "probe_every": 50, "probe_per_class": 6,
+           "max_train_per_class": 0, "grid_per_class": 4, "scored_per_class": 10, "grid_steps": 16,
+           "codec_normalize": "channel"}
 QUICK = {"pretrain_steps": 60, "finetune_steps": 20, "probe_every": 10, "probe_per_class": 3,
-         "max_train_per_class": 40, "grid_per_class": 2, "scored_per_class": 3, "grid_steps": 6}
+         "max_train_per_class": 40, "grid_per_class": 2, "scored_per_class": 3, "grid_steps": 6,
+         "codec_normalize": "channel"}
+GUIDANCE = 3.0  # CFG scale of the sample grids (against the empty caption)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -50,16 +66,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="anima-ft lab", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/lab"), help="lab directory (report.md goes here)")
     ap.add_argument("--seed", type=int, default=0, help="seed of data splits, codec, text stack, model, noise, probe")
-    ap.add_argument("--quick", action="store_true", help="tiny version (~1-2 min): fewer images and steps")
+    ap.add_argument("--quick", action="store_true", help="tiny version (~2-3 min): fewer images and steps")
+    ap.add_argument("--full", action="store_true",
+                    help="also the adapter_frozen_first fine-tune and the redistribution variant (the default run "
+                         f"trains {', '.join(DEFAULT_VARIANTS)})")
     ap.add_argument("--target-classes", default="0,1,2", help="digits of the fine-tuning target (rest = replay)")
     ap.add_argument("--nproc", type=int, default=2, help="deepspeed ranks (CPU processes)")
     ap.add_argument("--configs", type=Path, default=pipeline.REPO_ROOT / "configs" / "lab", help="recipe folder")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    ap.add_argument("--variants", default="", help=f"comma-separated subset of {list(VARIANTS)} (default: "
+                    f"{','.join(DEFAULT_VARIANTS)}; with --full all of them)")
     ap.add_argument("--pretrain-steps", type=int, default=0, help="override the base model's steps (0 = preset)")
     ap.add_argument("--finetune-steps", type=int, default=0, help="override each fine-tune's steps (0 = preset)")
     ap.add_argument("--no-distill", action="store_true",
-                    help="skip the redistribution variant (distill the base into its DiT with a re-initialized "
-                         "adapter, anima_ft/distill) that otherwise runs after the fine-tunes")
+                    help="with --full: skip the redistribution variant (distill the base into its DiT with a "
+                         "re-initialized adapter, anima_ft/distill) that --full otherwise runs after the fine-tunes")
     ap.add_argument("--distill-recipe", type=Path, default=pipeline.REPO_ROOT / "configs" / "lab" / "redistribute.yaml",
                     help="recipe of the redistribution variant (with --reuse-runs, a changed recipe reruns only this "
                          "variant)")
@@ -100,43 +120,66 @@ def setup_lines(args: argparse.Namespace, preset: dict, target: tuple[int, ...],
         f"{counts['target_train']} target, {counts['replay_train']} replay. Held-out probe images (never trained "
         f"on): {counts['replay_probe']} of the replay classes (set `{HELD_OUT}`), {counts['target_probe']} of the "
         f"target classes (set `{TARGET}`).",
-        "- Latents: a PCA patch codec fitted on the training images (8x8 RGB patches -> 16 channels, a 4x4 latent), "
-        "a stand-in for the Qwen-Image VAE used by the real pipeline. Text: a tiny random Qwen3 (width 32) and "
-        "word-level tokenizers built from the caption vocabulary, stand-ins for Qwen3-0.6B and the T5 tokenizer.",
+        "- Latents: a PCA patch codec fitted on the training images (8x8 RGB patches -> 16 channels, a 4x4 latent; "
+        f"normalization `{preset['codec_normalize']}`), a stand-in for the Qwen-Image VAE used by the real pipeline. "
+        "Text: a tiny random Qwen3 (width 32) and word-level tokenizers built from the caption vocabulary, "
+        "stand-ins for Qwen3-0.6B and the T5 tokenizer.",
         f"- Model: `AnimaConfig.tiny()` (DiT width 64, 2 blocks, adapter width 32, 2 layers). Base: "
-        f"{preset['pretrain_steps']} steps on all classes. Each fine-tune: {preset['finetune_steps']} steps from the "
-        f"base, probed every {preset['probe_every']} steps. `deepspeed` with {args.nproc} CPU ranks, ZeRO-2, fp32.",
-        "- Recipes: `configs/lab/*.yaml`, written before any result was seen; the lab overrides only paths, seed, "
-        "step counts and the pretraining source weights (each run's exact command is in `<run>/command.txt`). "
-        "Sampling: Euler, CFG 3 against the empty caption (the recipes drop 10% of captions).",
-        f"- Mode: {'--quick (shortened; numbers are noisy)' if args.quick else 'full'}. Every number below is read "
-        "from the run's files (`ft_*/probe.jsonl`, `drift/drift_kinds.csv`, `grids/sample_accuracy.csv`); "
-        "`lab_summary.json` holds them all.",
+        f"{preset['pretrain_steps']} steps on all classes (`configs/lab/pretrain.yaml`). Each fine-tune: "
+        f"{preset['finetune_steps']} steps from the base, probed every {preset['probe_every']} steps. `deepspeed` "
+        f"with {args.nproc} CPU ranks, ZeRO-2, fp32.",
+        "- Recipes: `configs/lab/*.yaml`; the lab overrides only paths, seed, step counts and the pretraining source "
+        "weights (each run's exact command is in `<run>/command.txt`). "
+        f"Sampling: Euler, {preset['grid_steps']} steps, CFG {GUIDANCE:g} against the empty caption (the recipes "
+        "drop 10% of captions).",
+        f"- Mode: {'--quick (shortened; numbers are noisy)' if args.quick else 'default'}"
+        f"{' + --full' if args.full else ''}. Every number below is read from the run's files (`ft_*/probe.jsonl`, "
+        "`ft_*/metrics.jsonl`, `drift/drift_kinds.csv`, `grids/sample_accuracy.csv`); `lab_summary.json` holds them "
+        "all.",
     ]
 
 
-def train_base(args: argparse.Namespace, out: Path, preset: dict, sources: list[str], counts: dict) -> float | None:
+def train_base(args: argparse.Namespace, out: Path, preset: dict, shards: dict[str, Path], counts: dict) -> float | None:
     """The base model on all classes (source weights = their shares of the training images) -> base.safetensors."""
     config = args.configs / "pretrain.yaml"
     total = counts["target_train"] + counts["replay_train"]
-    overrides = [*sources, f"run.seed={args.seed}", *stage_overrides(config, preset["pretrain_steps"]),
+    overrides = [*source_overrides(config, shards), f"run.seed={args.seed}",
+                 *stage_overrides(config, preset["pretrain_steps"]),
                  f"data.sources.0.weight={counts['target_train'] / total}",
                  f"data.sources.1.weight={counts['replay_train'] / total}"]
     if args.quick:
         overrides.append("stages.0.warmup_steps=5")
     return pipeline.launch_training(config, out / "pretrain", overrides, args.nproc, {}, out / "base.safetensors",
-                                    args.reuse_runs)
+                                    args.reuse_runs, preset["pretrain_steps"])
 
 
-def from_base_overrides(args: argparse.Namespace, out: Path, preset: dict, sources: list[str],
-                        config: Path) -> list[str]:
-    """Dotlist of a run that starts from the base model: shard paths, seeds, init path, probe interval, steps."""
-    return [*sources, f"run.seed={args.seed}", f"model.init_path={out / 'base.safetensors'}",
-            f"eval.probe_every_steps={preset['probe_every']}", f"eval.seed={args.seed}",
-            *stage_overrides(config, preset["finetune_steps"])]
+SOURCE_SHARDS = {"target": "target_train", "replay": "replay_train", "preserve": "replay_train"}
 
 
-def run_redistribution(args: argparse.Namespace, out: Path, preset: dict, sources: list[str],
+def source_overrides(config: Path, shards: dict[str, Path]) -> list[str]:
+    """Dotlist pointing each data source of the recipe at its lab shards (by source name, :data:`SOURCE_SHARDS`)."""
+    from anima_ft.config import load_config
+
+    out = []
+    for i, src in enumerate(load_config(config).data.sources):
+        if src.name not in SOURCE_SHARDS:
+            raise ValueError(f"{config}: data.sources.{i}.name={src.name!r}; the lab has shards for "
+                             f"{sorted(SOURCE_SHARDS)}")
+        out.append(f"data.sources.{i}.shards=[{shards[SOURCE_SHARDS[src.name]]}]")
+    return out
+
+
+def from_base_overrides(args: argparse.Namespace, out: Path, preset: dict, shards: dict[str, Path],
+                        config: Path, seed_offset: int = 0) -> list[str]:
+    """Dotlist of a run that starts from the base model: shard paths, seeds, init path, probe interval, steps.
+
+    ``seed_offset`` changes the training seed only; the probe (``eval.seed``) stays, so runs stay paired."""
+    return [*source_overrides(config, shards), f"run.seed={args.seed + seed_offset}",
+            f"model.init_path={out / 'base.safetensors'}", f"eval.probe_every_steps={preset['probe_every']}",
+            f"eval.seed={args.seed}", *stage_overrides(config, preset["finetune_steps"])]
+
+
+def run_redistribution(args: argparse.Namespace, out: Path, preset: dict, shards: dict[str, Path],
                        probe_sets: dict[str, Path], finals: dict[str, Path], timings: dict) -> Path:
     """The redistribution variant (:mod:`anima_ft.lab.redistribution`): ``deepspeed launch/train.py`` with
     ``--distill-recipe`` from the base, export, then the measurements on the export; returns its markdown."""
@@ -145,32 +188,35 @@ def run_redistribution(args: argparse.Namespace, out: Path, preset: dict, source
     run_dir = out / f"ft_{redistribution.NAME}"
     export = out / f"{redistribution.NAME}.safetensors"
     # probed at the start (base DiT + re-initialized adapter) and the end only: the report has no curve
-    overrides = [*from_base_overrides(args, out, preset, sources, args.distill_recipe),
+    overrides = [*from_base_overrides(args, out, preset, shards, args.distill_recipe),
                  f"eval.probe_every_steps={preset['finetune_steps']}"]
     seconds = pipeline.launch_training(args.distill_recipe, run_dir, overrides, args.nproc, probe_sets, export,
-                                       args.reuse_runs)
+                                       args.reuse_runs, preset["finetune_steps"])
     timings["redistribution variant (deepspeed, with probe)"] = seconds
     t0 = time.perf_counter()
+    logger.info("redistribution: measuring the export (teacher gaps of 5 pairings, flow probe)")
     references = {f"{name} fine-tune": path for name, path in finals.items() if name == "no_replay"}
     result = redistribution.measure(out, run_dir, export, probe_sets, references)
     timings["redistribution measurements"] = time.perf_counter() - t0
     return redistribution.write_markdown(result, run_dir, args.nproc, seconds)
 
 
-def train_variants(args: argparse.Namespace, out: Path, preset: dict, sources: list[str], variants: list[str],
+def train_variants(args: argparse.Namespace, out: Path, preset: dict, shards: dict[str, Path], variants: list[str],
                    probe_sets: dict[str, Path], timings: dict) -> tuple[dict[str, Path], list[VariantResult], dict]:
     """Every fine-tune from the base, with the probe; returns ``(exports, results, failed {name: error})``.
 
     A failed variant is logged and reported; the others still run.
     """
     finals, results, failed = {}, [], {}
-    for name in variants:
-        recipe, description = VARIANTS[name]
+    for i, name in enumerate(variants):
+        recipe, description, seed_offset = VARIANTS[name]
         config = args.configs / recipe
         export = out / f"{name}.safetensors"
+        logger.info("fine-tune %d of %d: %s", i + 1, len(variants), name)
         try:
-            seconds = pipeline.launch_training(config, out / f"ft_{name}", from_base_overrides(args, out, preset,
-                                               sources, config), args.nproc, probe_sets, export, args.reuse_runs)
+            seconds = pipeline.launch_training(
+                config, out / f"ft_{name}", from_base_overrides(args, out, preset, shards, config, seed_offset),
+                args.nproc, probe_sets, export, args.reuse_runs, preset["finetune_steps"])
         except RuntimeError as err:
             logger.error("variant %s failed: %s", name, err)
             failed[name] = str(err)
@@ -182,54 +228,86 @@ def train_variants(args: argparse.Namespace, out: Path, preset: dict, sources: l
     return finals, results, failed
 
 
+def compute_costs(out: Path, names: list[str], nproc: int) -> dict[str, dict]:
+    """Per fine-tune: measured step time and the teacher forwards per step (:mod:`anima_ft.lab.compare`)."""
+    costs = {}
+    for name in names:
+        shares = compare.batch_shares(out / f"ft_{name}" / "config.yaml", nproc)
+        costs[name] = {**shares, "teacher_forwards": shares["distill"] * shares["global_batch"],
+                       "step_s": compare.step_seconds(out / f"ft_{name}" / "metrics.jsonl", shares["global_batch"])}
+    return costs
+
+
+def choose_variants(args: argparse.Namespace) -> list[str]:
+    """``--variants`` or the mode's set; no_replay (the baseline) first."""
+    if args.variants:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    else:
+        variants = list(VARIANTS) if args.full else list(DEFAULT_VARIANTS)
+    if any(v not in VARIANTS for v in variants) or "no_replay" not in variants:
+        raise ValueError(f"--variants {args.variants!r}: choose from {list(VARIANTS)}, including no_replay "
+                         "(the baseline every other variant is compared with)")
+    return ["no_replay", *[v for v in variants if v != "no_replay"]]
+
+
 def main(argv: list[str]) -> int:
     """Run the whole lab and write ``<out>/report.md``; returns 0 on success, 1 if a variant failed."""
     args = parse_args(argv)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the in-process export imports deepspeed
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    preset = dict(QUICK if args.quick else FULL)
+    preset = dict(QUICK if args.quick else DEFAULT)
     preset["pretrain_steps"] = args.pretrain_steps or preset["pretrain_steps"]
     preset["finetune_steps"] = args.finetune_steps or preset["finetune_steps"]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if any(v not in VARIANTS for v in variants) or "no_replay" not in variants:
-        raise ValueError(f"--variants {args.variants!r}: choose from {list(VARIANTS)}, including no_replay "
-                         "(the baseline every other variant is compared with)")
+    variants = choose_variants(args)
     target = tuple(int(c) for c in args.target_classes.split(","))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start, timings = time.perf_counter(), {}
 
+    logger.info("phase prepare: digits -> codec -> shards")
     data_settings = {"seed": args.seed, "target_classes": list(target), "image_size": 32,
-                     "probe_per_class": preset["probe_per_class"], "max_train_per_class": preset["max_train_per_class"]}
+                     "probe_per_class": preset["probe_per_class"], "max_train_per_class": preset["max_train_per_class"],
+                     "codec_normalize": preset["codec_normalize"]}
     data = pipeline.prepare_data(out / "data", data_settings)
     timings["prepare" + (" (reused shards)" if data["reused"] else "")] = data["seconds"]
     shards = {s: out / "data" / "shards" / s for s in pipeline.SPLITS}
-    sources = [f"data.sources.0.shards=[{shards['target_train']}]", f"data.sources.1.shards=[{shards['replay_train']}]"]
 
-    timings["base model (deepspeed)"] = train_base(args, out, preset, sources, data["counts"])
+    logger.info("phase base model: %d steps on all digits", preset["pretrain_steps"])
+    timings["base model (deepspeed)"] = train_base(args, out, preset, shards, data["counts"])
     probe_sets = {HELD_OUT: shards["replay_probe"], TARGET: shards["target_probe"]}
-    finals, results, failed = train_variants(args, out, preset, sources, variants, probe_sets, timings)
+    logger.info("phase fine-tunes: %s", ", ".join(variants))
+    finals, results, failed = train_variants(args, out, preset, shards, variants, probe_sets, timings)
     if not results:
         raise RuntimeError(f"every fine-tune failed: {failed}")
 
     t0 = time.perf_counter()
+    logger.info("phase drift: %d checkpoints against the base", len(finals))
     drift = pipeline.run_drift(out / "base.safetensors", finals, out / "drift")
     for v in results:
         v.drift = drift[v.name]
     timings["drift"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    logger.info("phase sample grids: %d checkpoints x 10 digits x %d samples", len(finals) + 1,
+                preset["scored_per_class"])
     samples = pipeline.make_grids({"base": out / "base.safetensors", **finals}, out / "data", out / "grids",
                                   args.seed, target, preset["grid_per_class"], preset["scored_per_class"],
-                                  preset["grid_steps"], 3.0)
+                                  preset["grid_steps"], GUIDANCE)
     timings["sample grids"] = time.perf_counter() - t0
     redistribution = None
-    if not args.no_distill:
+    if args.full and not args.no_distill:
+        logger.info("phase redistribution variant (--full)")
         try:
-            redistribution = run_redistribution(args, out, preset, sources, probe_sets, finals, timings)
+            redistribution = run_redistribution(args, out, preset, shards, probe_sets, finals, timings)
         except RuntimeError as err:
             logger.error("the redistribution variant failed: %s", err)
             failed["redistribute"] = str(err)
+
+    by_name = {v.name: v for v in results}
+    q1 = None
+    if all(n in by_name for n in (*compare.Q1_VARIANTS, FLOOR)):
+        costs = compute_costs(out, [*compare.Q1_VARIANTS, FLOOR], args.nproc)
+        q1 = compare.comparison(by_name, FLOOR, HELD_OUT, TARGET, costs)
     timings["total"] = time.perf_counter() - t_start
 
     first_probe = read_probe_log(out / f"ft_{results[0].name}" / "probe.jsonl")[0]
@@ -241,9 +319,10 @@ def main(argv: list[str]) -> int:
         "grids": {k: str(Path(p).relative_to(out)) for k, p in samples["grids"].items()},
         "configs": {"base": "pretrain/config.yaml", **{v.name: f"ft_{v.name}/config.yaml" for v in results},
                     **({"redistribute": "ft_redistribute/config.yaml"} if redistribution else {})},
-        "sample_accuracy": samples["accuracy"],
+        "sample_accuracy": samples["accuracy"], "load_average": os.getloadavg(),
+        "extra_sections": compare.markdown(q1, HELD_OUT, TARGET) if q1 else [],
     }
-    summary = {"meta": meta, "settings": preset, "data": data,
+    summary = {"meta": meta, "settings": preset, "data": data, "q1": q1,
                "variants": {v.name: {"steps": v.steps, "curve": v.curve, "drift": v.drift} for v in results}}
     (out / "lab_summary.json").write_text(json.dumps(summary, indent=1))
     report = write_report(out, results, meta)
@@ -251,6 +330,7 @@ def main(argv: list[str]) -> int:
         body = Path(redistribution).read_text().replace("\n# ", "\n## ").removeprefix("# ")
         with open(report, "a") as fh:
             fh.write(f"\n## {body}\n(From `{Path(redistribution).relative_to(out)}`.)\n")
-    logger.info("wrote %s (%.0f s in all)", report, timings["total"])
+    logger.info("wrote %s (%.0f s in all; load average now %.2f %.2f %.2f)", report, timings["total"],
+                *os.getloadavg())
     print(f"report: {report}")
     return 1 if failed else 0

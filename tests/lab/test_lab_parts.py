@@ -188,3 +188,92 @@ def test_loss_summary_means_and_missing_steps(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] != 7))
     with pytest.raises(ValueError, match="lacks steps \\[7\\]"):
         loss_summary(path, 20)
+
+
+def test_codec_global_normalization_keeps_pixel_geometry():
+    """normalize=global: one scale for all channels, so latent squared distances are pixel squared distances
+    (projected on the PCA subspace) divided by mean(lambda); the variances keep their PCA proportions."""
+    from sklearn.decomposition import PCA
+
+    x = _images(40)
+    codec = PCAPatchCodec.fit(x, channels=16, normalize="global")
+    ref = PCA(n_components=16, svd_solver="full").fit(_to_patches(x, 8).numpy())
+    lam = ref.explained_variance_
+    assert np.allclose(codec.scale_C.numpy(), np.sqrt(lam.mean()), rtol=1e-6)
+    z = codec.encode(x.float()).double().permute(0, 2, 3, 1).reshape(-1, 16)
+    assert np.allclose(z.var(0).numpy(), lam / lam.mean(), rtol=1e-4)
+    a, b = x[:1].float(), x[1:2].float()
+    za, zb = codec.encode(a).double(), codec.encode(b).double()
+    pix = (codec.decode(za.float()).double() - codec.decode(zb.float()).double()).pow(2).sum()
+    assert math.isclose(float((za - zb).pow(2).sum() * lam.mean()), float(pix), rel_tol=1e-4)
+    with pytest.raises(ValueError, match="normalize='pixel'"):
+        PCAPatchCodec.fit(x, normalize="pixel")
+
+
+def test_progress_line_and_torn_metrics(tmp_path):
+    from anima_ft.lab.pipeline import last_logged_step, progress_line
+
+    path = tmp_path / "metrics.jsonl"
+    assert last_logged_step(path) == 0
+    path.write_text('{"step": 0, "probe/x": 1.0}\n{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n{"step": 1')
+    assert last_logged_step(path) == 10  # the probe row has no loss; the torn last line is skipped
+    assert progress_line("ft_a", 0, 150, 12.3, None) == "ft_a: starting 150 steps (12 s so far)"
+    # first logged step 10 at 20 s; step 60 at 30 s: 5 steps/s, 90 steps left -> 18 s
+    assert progress_line("ft_a", 60, 150, 30.0, (20.0, 10)) == \
+        "ft_a: step 60/150 (40%), 5.0 steps/s, ETA 18 s (30 s so far)"
+
+
+def _q1_variant(name: str, held_start: float, held_end: list[float], tgt_start: float, tgt_end: list[float]):
+    curve = {"h": [[held_start, held_start], [mean_(held_end)] * 2], "t": [[tgt_start, tgt_start], [mean_(tgt_end)] * 2]}
+    return VariantResult(name, name, [0, 10], curve, {"h": held_end, "t": tgt_end})
+
+
+def mean_(xs):
+    return sum(xs) / len(xs)
+
+
+def test_q1_comparison_follows_its_formulas_and_rule():
+    from anima_ft.lab.compare import clear, comparison, markdown
+
+    v = {"no_replay": _q1_variant("no_replay", 1.0, [1.2, 1.3, 1.25, 1.35], 1.0, [0.8, 0.82, 0.79, 0.81]),
+         "replay25": _q1_variant("replay25", 1.0, [1.0, 1.05, 1.02, 1.1], 1.0, [0.85, 0.84, 0.86, 0.85]),
+         "preserve": _q1_variant("preserve", 1.0, [1.01, 1.04, 1.03, 1.09], 1.0, [0.84, 0.85, 0.85, 0.86]),
+         "replay_preserve": _q1_variant("replay_preserve", 1.0, [1.1, 1.2, 1.15, 1.2], 1.0, [0.8, 0.8, 0.8, 0.8]),
+         "seed1": _q1_variant("seed1", 1.0, [1.21, 1.32, 1.24, 1.36], 1.0, [0.8, 0.83, 0.8, 0.8])}
+    cost = {n: {"step_s": 0.2, "teacher_forwards": 0.0, "global_batch": 32} for n in v}
+    r = comparison(v, "seed1", "h", "t", cost)
+    assert math.isclose(r["rows"]["no_replay"]["forgetting"], 1.275 - 1)
+    assert math.isclose(r["rows"]["replay25"]["target_gain"], 1 - 0.85)
+    d, se = r["rows"]["replay25"]["vs_no_replay"]["h"]
+    diffs = np.array([-0.2, -0.25, -0.23, -0.25])
+    assert math.isclose(d, diffs.mean()) and math.isclose(se, diffs.std(ddof=1) / 2)
+    floor = r["noise_floor"]["h"][0]
+    assert math.isclose(floor, 0.01 * (1 + 2 - 1 + 1) / 4)
+    # replay25 vs preserve: -0.005 +- small, below the floor 0.0075 -> not clear; both clearly beat no_replay
+    assert not clear(*r["pairs"]["replay25 - preserve"], floor)
+    text = "\n".join(markdown(r, "h", "t"))
+    assert "Clearly lower held-out loss than the plain fine-tune" in text and "**replay25**, **preserve**" in text
+    assert "**replay25** has the lowest held-out loss, but it is not clearly distinguishable from **preserve**" in text
+    assert "| replay25 | +4.2% | +15.0% | -0.2325 +- 0.0118 |" in text
+
+
+@pytest.mark.parametrize("name", ["ft_no_replay", "ft_replay25", "ft_preserve", "ft_replay_preserve",
+                                  "ft_adapter_frozen_first", "pretrain"])
+def test_lab_recipes_validate_and_share_steps_and_batch(name):
+    """Every lab recipe validates; the Q1 variants differ only in the off-target quarter of the batch."""
+    from anima_ft.config import load_config, validate
+    from anima_ft.lab.compare import batch_shares
+    from anima_ft.lab.pipeline import REPO_ROOT
+
+    path = REPO_ROOT / "configs" / "lab" / f"{name}.yaml"
+    cfg = load_config(path)
+    validate(cfg, world_size=2, check_files=False)
+    want = {"ft_no_replay": (0, 0), "ft_replay25": (0.25, 0), "ft_preserve": (0, 0.25),
+            "ft_replay_preserve": (0.125, 0.125)}
+    if name in want:
+        shares = batch_shares(path, 2)
+        assert (shares["replay_flow"], shares["distill"]) == want[name] and shares["global_batch"] == 32
+        assert sum(st.num_steps for st in cfg.stages) == 150 and cfg.optim.lr.llm_adapter == 1e-3
+        assert cfg.distill.enabled == (name in ("ft_preserve", "ft_replay_preserve"))
+        if cfg.distill.enabled:
+            assert cfg.distill.adapter_source == "own" and cfg.distill.teacher == "live"
