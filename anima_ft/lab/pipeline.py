@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,12 @@ def prepare_data(data_dir: Path, data_settings: dict) -> dict:
     return {**result, "reused": False, "seconds": time.perf_counter() - t0}
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its waited-for children (the training ranks)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def last_logged_step(metrics_path: Path) -> int:
     """The largest ``step`` of a training row in a growing ``metrics.jsonl`` (0 if none yet; a torn last line is
     skipped, the writer is still appending it)."""
@@ -111,10 +118,12 @@ def progress_line(name: str, step: int, num_steps: int, elapsed: float, first: t
     if step == 0 or num_steps <= 0 or first is None:
         return f"{name}: starting {'' if num_steps <= 0 else f'{num_steps} steps '}({elapsed:.0f} s so far)"
     t_first, s_first = first
-    rate = (step - s_first) / max(elapsed - t_first, 1e-9) if step > s_first else 0.0
-    eta = f"ETA {(num_steps - step) / rate:.0f} s" if rate > 0 else "ETA unknown"
-    return (f"{name}: step {step}/{num_steps} ({100 * step / num_steps:.0f}%), {rate:.1f} steps/s, {eta} "
-            f"({elapsed:.0f} s so far)")
+    if step > s_first:
+        rate = (step - s_first) / max(elapsed - t_first, 1e-9)
+        speed = f"{rate:.1f} steps/s, ETA {(num_steps - step) / rate:.0f} s"
+    else:
+        speed = "ETA after the next logged step"
+    return f"{name}: step {step}/{num_steps} ({100 * step / num_steps:.0f}%), {speed} ({elapsed:.0f} s so far)"
 
 
 def wait_with_progress(proc: subprocess.Popen, run_dir: Path, num_steps: int, t0: float) -> int:
@@ -137,7 +146,8 @@ def wait_with_progress(proc: subprocess.Popen, run_dir: Path, num_steps: int, t0
 def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: int, probe_sets: dict[str, Path],
                     export_path: Path, reuse: bool = False, num_steps: int = 0) -> float | None:
     """``deepspeed --num_gpus nproc launch/train.py --config CONFIG ...`` into a fresh ``run_dir``, then
-    ``anima-ft export`` of its last checkpoint to ``export_path``; returns seconds.
+    ``anima-ft export`` of its last checkpoint to ``export_path``; returns seconds (wall clock), and writes
+    ``run_dir/timing.json`` (``wall_s`` and ``cpu_s``: the CPU seconds of the ranks, the launcher and the export).
 
     ``probe_sets`` become the trainer's probe sets (``eval.sets``): the trainer probes them at step 0 and every
     ``eval.probe_every_steps`` steps and writes every image's losses to ``run_dir/probe.jsonl``.
@@ -168,7 +178,7 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
         env["DS_ACCELERATOR"] = "cpu"
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     logger.info("training %s (%d ranks), log: %s", run_dir.name, nproc, run_dir / "train.log")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     with open(run_dir / "train.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         rc = wait_with_progress(proc, run_dir, num_steps, t0)
@@ -179,8 +189,10 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
 
     if export.main([str(run_dir), str(export_path)]) != 0:  # `anima-ft export RUN OUT`: the last checkpoint
         raise RuntimeError(f"anima-ft export {run_dir} {export_path} failed")
+    seconds = time.perf_counter() - t0
+    (run_dir / "timing.json").write_text(json.dumps({"wall_s": seconds, "cpu_s": cpu_seconds() - cpu0}))
     done.write_text(record)
-    return time.perf_counter() - t0
+    return seconds
 
 
 def run_drift(base: Path, finals: dict[str, Path], out_dir: Path) -> dict[str, dict[str, float]]:

@@ -52,13 +52,13 @@ DEFAULT_VARIANTS = ("no_replay", "replay25", "preserve", "replay_preserve", "no_
 FLOOR = "no_replay_seed1"
 HELD_OUT, TARGET = "replay_classes", "target_classes"
 # codec_normalize: PCAPatchCodec.fit's normalize; "global" read worse in docs/lab.md's measurements
-DEFAULT = {"pretrain_steps": 400, "finetune_steps": 150, "probe_every": 50, "probe_per_class": 6,
+DEFAULT = {"pretrain_steps": 250, "finetune_steps": 150, "probe_every": 50, "probe_per_class": 6,
            "max_train_per_class": 0, "grid_per_class": 4, "scored_per_class": 10, "grid_steps": 16,
            "codec_normalize": "channel"}
 QUICK = {"pretrain_steps": 60, "finetune_steps": 20, "probe_every": 10, "probe_per_class": 3,
          "max_train_per_class": 40, "grid_per_class": 2, "scored_per_class": 3, "grid_steps": 6,
          "codec_normalize": "channel"}
-GUIDANCE = 3.0  # CFG scale of the sample grids (against the empty caption)
+GUIDANCE = 5.0  # CFG scale of the sample grids (against the empty caption); docs/lab.md has the sweep
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -238,6 +238,17 @@ def compute_costs(out: Path, names: list[str], nproc: int) -> dict[str, dict]:
     return costs
 
 
+def run_cpu_seconds(out: Path, timings: dict) -> dict[str, float]:
+    """``{timings key: cpu_s}`` of every training run that trained this time (its ``timing.json``)."""
+    runs = {"base model (deepspeed)": "pretrain", "redistribution variant (deepspeed, with probe)": "ft_redistribute"}
+    runs |= {k: "ft_" + k.split()[1] for k in timings if k.startswith("fine-tune ")}
+    out_cpu = {}
+    for key, run in runs.items():
+        if timings.get(key) is not None:
+            out_cpu[key] = json.loads((out / run / "timing.json").read_text())["cpu_s"]
+    return out_cpu
+
+
 def choose_variants(args: argparse.Namespace) -> list[str]:
     """``--variants`` or the mode's set; no_replay (the baseline) first."""
     if args.variants:
@@ -260,10 +271,11 @@ def main(argv: list[str]) -> int:
     preset["pretrain_steps"] = args.pretrain_steps or preset["pretrain_steps"]
     preset["finetune_steps"] = args.finetune_steps or preset["finetune_steps"]
     variants = choose_variants(args)
+    cpu: dict[str, float] = {}
     target = tuple(int(c) for c in args.target_classes.split(","))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    t_start, timings = time.perf_counter(), {}
+    t_start, timings, cpu_start = time.perf_counter(), {}, pipeline.cpu_seconds()
 
     logger.info("phase prepare: digits -> codec -> shards")
     data_settings = {"seed": args.seed, "target_classes": list(target), "image_size": 32,
@@ -281,19 +293,21 @@ def main(argv: list[str]) -> int:
     if not results:
         raise RuntimeError(f"every fine-tune failed: {failed}")
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), pipeline.cpu_seconds()
     logger.info("phase drift: %d checkpoints against the base", len(finals))
     drift = pipeline.run_drift(out / "base.safetensors", finals, out / "drift")
     for v in results:
         v.drift = drift[v.name]
     timings["drift"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    cpu["drift"] = pipeline.cpu_seconds() - c0
+    t0, c0 = time.perf_counter(), pipeline.cpu_seconds()
     logger.info("phase sample grids: %d checkpoints x 10 digits x %d samples", len(finals) + 1,
                 preset["scored_per_class"])
     samples = pipeline.make_grids({"base": out / "base.safetensors", **finals}, out / "data", out / "grids",
                                   args.seed, target, preset["grid_per_class"], preset["scored_per_class"],
                                   preset["grid_steps"], GUIDANCE)
     timings["sample grids"] = time.perf_counter() - t0
+    cpu["sample grids"] = pipeline.cpu_seconds() - c0
     redistribution = None
     if args.full and not args.no_distill:
         logger.info("phase redistribution variant (--full)")
@@ -309,13 +323,15 @@ def main(argv: list[str]) -> int:
         costs = compute_costs(out, [*compare.Q1_VARIANTS, FLOOR], args.nproc)
         q1 = compare.comparison(by_name, FLOOR, HELD_OUT, TARGET, costs)
     timings["total"] = time.perf_counter() - t_start
+    cpu.update(run_cpu_seconds(out, timings))
+    cpu["total"] = pipeline.cpu_seconds() - cpu_start
 
     first_probe = read_probe_log(out / f"ft_{results[0].name}" / "probe.jsonl")[0]
     meta = {
         "seed": args.seed, "sigmas": first_probe["sigmas"], "num_noises": first_probe["num_noises"],
         "held_out": HELD_OUT, "target": TARGET, "baseline": "no_replay",
         "drift_groups": ["llm_adapter", "adapter_blocks", "adapter_embed", "dit", *pipeline.DIT_KINDS],
-        "setup": setup_lines(args, preset, target, data["counts"]), "timings": timings, "failed": failed,
+        "setup": setup_lines(args, preset, target, data["counts"]), "timings": timings, "cpu_seconds": cpu, "failed": failed,
         "grids": {k: str(Path(p).relative_to(out)) for k, p in samples["grids"].items()},
         "configs": {"base": "pretrain/config.yaml", **{v.name: f"ft_{v.name}/config.yaml" for v in results},
                     **({"redistribute": "ft_redistribute/config.yaml"} if redistribution else {})},

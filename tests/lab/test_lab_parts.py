@@ -218,6 +218,8 @@ def test_progress_line_and_torn_metrics(tmp_path):
     path.write_text('{"step": 0, "probe/x": 1.0}\n{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n{"step": 1')
     assert last_logged_step(path) == 10  # the probe row has no loss; the torn last line is skipped
     assert progress_line("ft_a", 0, 150, 12.3, None) == "ft_a: starting 150 steps (12 s so far)"
+    assert progress_line("ft_a", 10, 150, 20.0, (20.0, 10)) == \
+        "ft_a: step 10/150 (7%), ETA after the next logged step (20 s so far)"
     # first logged step 10 at 20 s; step 60 at 30 s: 5 steps/s, 90 steps left -> 18 s
     assert progress_line("ft_a", 60, 150, 30.0, (20.0, 10)) == \
         "ft_a: step 60/150 (40%), 5.0 steps/s, ETA 18 s (30 s so far)"
