@@ -326,6 +326,7 @@ class ShardReader:
         self.store = ObjectStore(self.remote)
         self._files: OrderedDict[object, object] = OrderedDict()
         self._prefetch: SpanPrefetcher | None = None
+        self._remote: list[bool] = []  # per shard: named by URL (shards are only ever appended to a catalog)
         self._cache = (ShardCache(self.remote.cache_dir, int(self.remote.cache_max_gb * 2**30), self.store)
                        if self.remote.cache_dir else None)
 
@@ -344,8 +345,10 @@ class ShardReader:
     def _submit(self, spans: list[tuple[int, int, int]]) -> list:
         return self.store.submit_ranges([(self.catalog.shard_paths[k], a, b) for k, a, b in spans])
 
-    def _decode(self, span: tuple[int, int, int], entry: dict, data: bytes) -> dict:
-        return decode_span(data, entry, self.catalog.qwen_dim)
+    def _decode(self, span: tuple[int, int, int], entry: dict | int, data: bytes) -> dict:
+        """A remote sample's bytes checked and decoded (in a decode thread); ``entry`` may be its sample id."""
+        return decode_span(data, self.catalog.entry(entry) if isinstance(entry, int) else entry,
+                           self.catalog.qwen_dim)
 
     @property
     def prefetcher(self) -> SpanPrefetcher:
@@ -358,7 +361,10 @@ class ShardReader:
 
     def is_remote(self, shard: int) -> bool:
         """Whether shard ``shard`` is read from object storage."""
-        return is_url(self.catalog.shard_paths[shard])
+        paths = self.catalog.shard_paths
+        if shard >= len(self._remote):  # the catalog grows while build_catalog validates with this reader
+            self._remote.extend(is_url(p) for p in paths[len(self._remote):])
+        return self._remote[shard]
 
     def schedule_entries(self, entries: list[dict]) -> None:
         """Start fetching (and decoding) these entries' spans (remote shards only), to be read in this order."""
@@ -368,9 +374,13 @@ class ShardReader:
 
     def schedule(self, sample_ids: list[int]) -> None:
         """Start fetching (and decoding) these catalog samples (remote shards only), to be read in this order."""
-        shard_col = COLUMNS.index("shard")
-        self.schedule_entries([self.catalog.entry(i) for i in sample_ids
-                               if self.is_remote(int(self.catalog.table[i, shard_col]))])
+        table = self.catalog.table
+        shard_col, start_col, end_col = (COLUMNS.index(c) for c in ("shard", "span_start", "span_end"))
+        rows = [(int(table[i, shard_col]), int(table[i, start_col]), int(table[i, end_col]), int(i))
+                for i in sample_ids]
+        rows = [r for r in rows if self.is_remote(r[0])]
+        if rows:  # tagged with the sample id: its index entry is rebuilt in the decode thread
+            self.prefetcher.schedule([r[:3] for r in rows], [r[3] for r in rows])
 
     @property
     def scheduled(self) -> int:

@@ -236,8 +236,10 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
 
     from anima_ft.config.remote import RemoteConfig
+    from anima_ft.data import sources
     from anima_ft.data.object_store import ObjectStore
-    from anima_ft.data.sources import DECODE_THREADS
+
+    decode_threads = getattr(sources, "DECODE_THREADS", 0)  # 0: decoded in the consumer's thread (older code)
 
     cfg = RemoteConfig(prefetch_samples=args.pool)
     with tempfile.TemporaryDirectory() as tmp:
@@ -292,7 +294,7 @@ def main() -> None:
     print(json.dumps({
         "server": args.server, "served_by": served, "latency_ms": args.latency_ms, "latency_added_by": how,
         "measured_request_latency_ms": round(latency, 1), "pool": args.pool, "micro_batch": args.micro_batch,
-        "decode_threads": DECODE_THREADS, "sample_bytes": span_bytes, "samples": args.samples,
+        "decode_threads": decode_threads, "sample_bytes": span_bytes, "samples": args.samples,
         "torch_threads": torch.get_num_threads(),
         "plain_get_MBps": round(base_rate / 1e6, 1), "loader_MBps": round(load_rate / 1e6, 1),
         "loader_share_of_plain": round(load_rate / base_rate, 3), "loader_samples_per_s": round(sps, 1),

@@ -85,3 +85,15 @@ def test_http_resets_on_keepalive_connections_are_counted_once_each(http_shards)
     # each reset is one counted retry (aiohttp's own silent second try would hide some of them)
     assert io["retries"] == resets and io["retry_reasons.connection"] == resets and io["failed_requests"] == 0
     assert io["requests"] == sum(1 for r in log if r[0] == "GET" and r[3] is None) == len(ids)
+
+
+def test_full_validation_of_http_shards_reads_every_sample_like_local(http_shards):
+    proxy, target, urls = http_shards
+    proxy.choose = lambda m, p, h: None
+    remote = build_catalog([SourceSpec("target", urls)], validate="full", remote=RemoteConfig(prefetch_samples=3))
+    local = build_catalog([SourceSpec("target", str(target))], validate="full")
+    assert remote.keys == local.keys and remote.skipped == local.skipped
+    assert (remote.table == local.table).all()
+    spans = local.table[:, 2:4]  # span_start, span_end: every sample's bytes were read (and checked) remotely
+    index_bytes = sum(f.stat().st_size for f in target.glob("*.index.json"))
+    assert remote.build_io["bytes"] == index_bytes + int((spans[:, 1] - spans[:, 0]).sum())
