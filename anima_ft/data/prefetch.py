@@ -42,7 +42,7 @@ class SpanPrefetcher:
 
     fetch(shard, start, end) -> bytes does the request (with its own retries); its exceptions reach ``take``.
     submit([(shard, start, end), ...]) -> a Future of the bytes of each request, or None to read that one with
-    ``fetch`` in a thread. Once the pool is full, requests are started in groups of ``depth // 8``.
+    ``fetch`` in a thread. Once the pool is full, requests are started in groups of ``depth // 4``.
     decode(span, tag, data) -> the object ``take`` returns for a span (``tag`` is what ``schedule`` was given with
     it); its exceptions reach ``take`` too. Without ``decode``, ``take`` returns the bytes.
     """
@@ -56,7 +56,7 @@ class SpanPrefetcher:
             raise ValueError(f"prefetch decode_threads={decode_threads} must be >= 1")
         self._fetch, self.depth, self.max_run_bytes = fetch, depth, max_run_bytes
         self._submit, self._decode, self._decode_threads = submit, decode, decode_threads
-        self._refill = max(1, depth // 8)
+        self._refill = max(1, depth // 4)
         self._queue: deque[tuple[Span, Any]] = deque()
         self._window: deque[_Run] = deque()
         self._held = 0  # spans in the window (in flight, fetched or decoded, not taken)

@@ -91,16 +91,17 @@ def test_close_cancels_requests_in_flight():
     assert all(f.cancelled() for f in futures) and pf.scheduled == 0
 
 
-def test_refills_start_in_groups_of_an_eighth_of_the_depth():
+def test_refills_start_in_groups_of_a_quarter_of_the_depth():
     pf, calls, _, pool = make(depth=16)
     spans = [(k, 0, 10) for k in range(40)]  # different shards: no coalescing, one request per span
     pf.schedule(spans, tags=list(range(40)))
     assert len(calls) == 16
-    pf.take(*spans[0])
-    assert len(calls) == 16  # one free slot: below the group of 2, nothing started (no loop wake-up)
-    pf.take(*spans[1])
-    assert len(calls) == 18 and calls[16:] == [("submit", 16, 0, 10), ("submit", 17, 0, 10)]
-    for span in spans[2:]:
+    for k in range(3):
+        pf.take(*spans[k])
+        assert len(calls) == 16  # fewer free slots than a group of 4: nothing started (no event-loop wake-up)
+    pf.take(*spans[3])
+    assert calls[16:] == [("submit", k, 0, 10) for k in range(16, 20)]
+    for span in spans[4:]:
         assert pf.take(*span)[0] == span[0]
         assert pf._held <= 16
     pf.close()
