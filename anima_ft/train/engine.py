@@ -162,14 +162,28 @@ class Carry:
     """Training state of the parameters that stay trainable across a stage boundary (between two engines).
 
     ``tensors[name]`` ({"fp32", "exp_avg", "exp_avg_sq"[, "ema"]} on CPU) is held only by the owner rank
-    ``names.index(name) % world_size``; ``steps`` is the AdamW step count per param-group name.
+    ``owners[name]`` (:func:`balanced_owners`); ``steps`` is the AdamW step count per param-group name.
     """
 
     names: list[str]
+    owners: dict[str, int]
     shapes: dict[str, torch.Size]
     keys: tuple[str, ...]
     tensors: dict[str, dict[str, torch.Tensor]]
     steps: dict[str, torch.Tensor | float]
+
+
+def balanced_owners(sizes: list[int], world: int) -> list[int]:
+    """The rank that holds each tensor of a carry: largest first, each to the rank holding the fewest elements so far
+    (ties to the lower rank), so no rank holds more than ``sum / world + max(sizes)``. Every rank computes the same
+    answer from the same sizes. (Owning by index, ``i % world``, put 2.3 GB more on one of two ranks at the
+    full-size stage transition: docs/full_size_cpu.md#defects.)"""
+    load, owners = [0] * world, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = owner
+        load[owner] += sizes[i]
+    return owners
 
 
 def collect_carry(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage) -> Carry:
@@ -180,13 +194,16 @@ def collect_carry(engine, model: nn.Module, cfg: Config, old: Stage, new: Stage)
     names = [n for n, p in model.named_parameters() if p.requires_grad and group_of(n) in keep]
     relink_optimizer_state(engine)
     params = dict(model.named_parameters())
-    carry = Carry(names, {}, keys, {}, {k: v for k, v in group_steps(engine).items() if k.split("/")[0] in keep})
-    for i, name in enumerate(names):  # every rank runs every gather (they are collectives)
+    shapes = {n: params[n].ds_shape if hasattr(params[n], "ds_shape") else params[n].shape for n in names}
+    owners = dict(zip(names, balanced_owners([torch.Size(shapes[n]).numel() for n in names], world)))
+    carry = Carry(names, owners, {}, keys, {},
+                  {k: v for k, v in group_steps(engine).items() if k.split("/")[0] in keep})
+    for name in names:  # every rank runs every gather (they are collectives)
         p = params[name]
         full = {"fp32": safe_get_full_fp32_param(p)}
         full.update({k: safe_get_full_optimizer_state(p, k) for k in keys})
         carry.shapes[name] = full["fp32"].shape
-        if i % world == rank:
+        if owners[name] == rank:
             carry.tensors[name] = {k: v.detach().float().cpu().clone() for k, v in full.items()}
         del full
     return carry
@@ -198,8 +215,8 @@ def restore_carry(engine, model: nn.Module, carry: Carry, ema: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
-    for i, name in enumerate(carry.names):
-        owner = i % world
+    for name in carry.names:
+        owner = carry.owners[name]
         for key in ("fp32", *carry.keys):
             if rank == owner:
                 value = carry.tensors[name][key].to(device)

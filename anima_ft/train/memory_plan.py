@@ -3,7 +3,9 @@
 Per rank, for ``total`` parameters of which ``trainable`` train, ``world`` data-parallel ranks, bf16 weights and
 fp32 optimizer state (docs/full_size_cpu.md#plan compares every term with the measured peak at full size):
 
-* ``weights``: 2 B x total (ZeRO-3: 2 B x total / world; the blocks being gathered come on top);
+* ``weights``: 2 B x total, also under ZeRO-3: the trainer loads the whole file on every rank and DeepSpeed
+  partitions it afterwards, so the peak still holds every weight once (measured at full size: ZeRO-3 peaked at
+  8.7-8.9 GiB per rank against 8.3-8.7 for ZeRO-2; the partitioned 2 B x total / world is the steady state only);
 * ``grads``: 2 B x trainable, the bf16 gradients backward produces before they are reduced into partitions;
 * ``optimizer``: 16 B x trainable / world: fp32 master weights, Adam's two moments and the fp32 gradient
   partition of the update (ZeRO-1/2/3 all partition these);
@@ -25,7 +27,7 @@ def rank_memory(total: int, trainable: int, world: int, zero_stage: int, runtime
     if world < 1 or not 0 <= trainable <= total or zero_stage not in (1, 2, 3):
         raise ValueError(f"rank_memory: need world >= 1, 0 <= trainable <= total and ZeRO stage 1-3, got "
                          f"world={world}, trainable={trainable}, total={total}, zero_stage={zero_stage}")
-    terms = {"weights": 2 * total // (world if zero_stage == 3 else 1), "grads": 2 * trainable,
+    terms = {"weights": 2 * total, "grads": 2 * trainable,
              "optimizer": 16 * trainable // world, "runtime": runtime}
     terms["total"] = sum(terms.values())
     return terms

@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=3600.0, help="per training run, seconds")
     ap.add_argument("--keep", action="store_true", help="keep the run directories (else deleted once measured)")
+    ap.add_argument("--runs", default="", help="comma-separated subset of zero2,zero3,staged to (re)run into an "
+                    "existing OUT (the model and shards are reused when present; results.json is updated); "
+                    "zero2 includes the export, the kill -9 resume and the 1-rank universal resume")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -383,8 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr)
         return 2
     res_path = out / "results.json"
+    chosen = set(filter(None, args.runs.split(","))) or {"zero2", "zero3", "staged"}
+    if chosen - {"zero2", "zero3", "staged"}:
+        print(f"full_size_cpu: --runs {args.runs!r}: choose from zero2, zero3, staged", file=sys.stderr)
+        return 2
     res = {"cpu": cpu_model(), "mem_total_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB,
            "load_start": os.getloadavg(), "smoke": args.smoke, "plan": p, "runs": {}, "trained_groups": TRAINED}
+    if args.runs and res_path.is_file():
+        res = dict(json.loads(res_path.read_text()), plan=p, load_start=os.getloadavg())
 
     def save():
         write_json_atomic(res_path, res)
@@ -393,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"plan: {p['params']:,} parameters, {p['trainable']:,} trainable; needs {p['need_memory_bytes'] / GB:.1f} GiB "
         f"memory, {p['need_disk_bytes'] / GB:.1f} GiB disk")
     model = out / "model" / "anima_random.safetensors"
-    say("writing the random model")
-    res["model"] = write_model(model, args.smoke)
-    save()
-    say(f"model: {res['model']}")
+    if not (args.runs and model.is_file()):
+        say("writing the random model")
+        res["model"] = write_model(model, args.smoke)
+        save()
+        say(f"model: {res['model']}")
     globs = write_shards(out / "shards", 64, args.smoke)
     steps, every = args.steps, args.every
 
@@ -410,6 +420,28 @@ def main(argv: list[str] | None = None) -> int:
         save()
         return r
 
+    if "zero2" in chosen:
+        zero2_phases(args, out, res, run, save, model, steps, every)
+    if "zero3" in chosen:
+        z = run("zero3", 2, 3, steps=3, every=0)
+        a_losses = {int(k): v for k, v in res["runs"].get("zero2", {}).get("losses", {}).items()}
+        res["zero3_vs_zero2"] = {s: (z["losses"][s], a_losses[s]) for s in z["losses"] if s in a_losses}
+        save()
+        if not args.keep:
+            shutil.rmtree(z["run_dir"])
+    if "staged" in chosen:
+        staged_phase(args, res, run, steps)
+    res["done"] = True
+    save()
+    say(f"done: {out / 'results.md'}")
+    print((out / "results.md").read_text())
+    ok = res.get("resume_losses_equal", True) and all(res.get("export", {}).get(k, True) for k in (
+        "frozen_bitwise_equal", "trained_groups_changed", "names_and_shapes_equal"))
+    return 0 if ok else 1
+
+
+def zero2_phases(args, out: Path, res: dict, run, save, model: Path, steps: int, every: int) -> None:
+    """ZeRO-2 uninterrupted + export, killed + resumed (bitwise), then one rank from its last checkpoint."""
     a = run("zero2", 2, 2)
     res["export"] = export_and_compare(out, Path(a["run_dir"]), model, TRAINED)
     res["runs"]["zero2"]["checkpoint_gb"] = du(Path(a["run_dir"]) / "checkpoints") / GB
@@ -429,27 +461,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         shutil.rmtree(b["run_dir"])
         shutil.rmtree(out / "runs" / "universal_1rank", ignore_errors=True)
-    z = run("zero3", 2, 3, steps=3, every=0)
-    res["zero3_vs_zero2"] = {s: (z["losses"][s], a["losses"][s]) for s in z["losses"] if s in a["losses"]}
-    if not args.keep:
-        shutil.rmtree(z["run_dir"])
+
+
+def staged_phase(args, res: dict, run, steps: int) -> None:
+    """Stage 1 trains mod with the adapter frozen; stage 2 unfreezes llm_adapter (the engine is rebuilt)."""
     half = max(1, steps // 2)
-    run("staged", 2, 2, steps=2 * half, every=0, stages=[
+    r = run("staged", 2, 2, steps=2 * half, every=0, stages=[
         {"name": "adapter_frozen", "num_steps": half, "lr": {"llm_adapter": 0}, "warmup_steps": 0,
          "decay": "constant", "replay_fraction": 0.1},
         {"name": "with_adapter", "num_steps": half, "lr": {"llm_adapter": 1e-4}, "warmup_steps": 0,
          "decay": "constant", "replay_fraction": 0.25}])
-    res["staged_log"] = [ln for ln in Path(res["runs"]["staged"]["log"]).read_text().splitlines()
+    res["staged_log"] = [ln for ln in Path(r["log"]).read_text().splitlines()
                          if "stage 0 -> 1" in ln or "trainable elements per group" in ln][:4]
     if not args.keep:
-        shutil.rmtree(res["runs"]["staged"]["run_dir"])
-    res["done"] = True
-    save()
-    say(f"done: {out / 'results.md'}")
-    print((out / "results.md").read_text())
-    ok = res["resume_losses_equal"] and res["export"]["frozen_bitwise_equal"] and res["export"]["trained_groups_changed"] \
-        and res["export"]["names_and_shapes_equal"]
-    return 0 if ok else 1
+        shutil.rmtree(r["run_dir"])
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_memory_plan_terms():
     z2 = rank_memory(total, total, world=8, zero_stage=2, runtime=0)
     assert z2["weights"] == 2 * total and z2["optimizer"] == 2 * total and z2["grads"] == 2 * total
     z3 = rank_memory(total, total, world=8, zero_stage=3, runtime=0)
-    assert z3["weights"] == 2 * total // 8 and z3["total"] == z3["weights"] + z3["grads"] + z3["optimizer"]
+    assert z3 == z2  # the whole file is loaded on every rank before DeepSpeed partitions it (the measured peak)
     assert checkpoint_bytes(total, 0) == 2 * total
     with pytest.raises(ValueError, match="trainable"):
         rank_memory(10, 11, world=1, zero_stage=2)
