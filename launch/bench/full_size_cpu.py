@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -151,26 +151,13 @@ def write_model(path: Path, smoke: bool) -> dict:
 
 
 def write_shards(root: Path, samples: int, smoke: bool) -> dict:
-    """Phase 2: a target and a replay shard of 256-px samples (the tiny model reads 32-wide Qwen states)."""
-    from anima_ft.data import EncodedSample, ShardWriter, make_fingerprint
+    """Phase 2: a target and a replay shard of 256-px samples (the tiny model reads 32-wide Qwen states), written
+    by the GPU session's shard writer (``full_size_step.write_shards``: the project's ``ShardWriter``, caption
+    lengths drawn per sample)."""
+    from full_size_step import write_shards as write_source
 
-    latent, qwen_dim = 32, 32 if smoke else 1024
-    fp = make_fingerprint("synthetic-full-size-cpu-vae", "synthetic-full-size-cpu-text")
-    globs = {}
-    for seed, name in enumerate(("target", "replay"), start=1):
-        g = torch.Generator().manual_seed(seed)
-        (root / name).mkdir(parents=True, exist_ok=True)
-        with ShardWriter(root / name / f"{name}-00000.tar", fp) as writer:
-            for i in range(samples):
-                n_qwen = int(torch.randint(32, 300, (1,), generator=g))
-                n_t5 = int(torch.randint(16, 200, (1,), generator=g))
-                t5 = torch.cat([torch.randint(2, 32000, (n_t5 - 1,), generator=g), torch.ones(1, dtype=torch.long)])
-                meta = {"caption": f"synthetic {name} {i}", "source": name, "bucket": [latent * 8, latent * 8]}
-                writer.add(EncodedSample(f"{name}_{i:06d}", torch.randn(16, latent, latent, generator=g),
-                                         torch.randn(n_qwen, qwen_dim, generator=g), t5, meta))
-            writer.commit()
-        globs[name] = str(root / name / "*.tar")
-    return globs
+    return {name: write_source(root, name, samples, 32, 32 if smoke else 1024, seed)
+            for seed, name in enumerate(("target", "replay"), start=1)}
 
 
 def run_config(out: Path, name: str, model: Path, globs: dict, zero: int, steps: int, every: int, world: int,
@@ -381,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     p = plan(args.smoke)
+    if args.runs:  # the model file and the export of an earlier run are already on disk
+        p["need_disk_bytes"] = max(0, p["need_disk_bytes"] - du(out / "model") - du(out / "export"))
     line = refuse_if_short(p, out)
     if line:
         print(line, file=sys.stderr)
