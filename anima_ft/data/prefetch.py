@@ -10,7 +10,8 @@ The prefetcher only moves bytes: what is read is decided by the consumer, so the
 Requests are started with ``submit`` when given (a ``Future`` per request, e.g. a coroutine on the storage
 library's event loop: no thread per request in flight), else ``fetch`` runs in ``depth`` threads. With ``decode``,
 each span is decoded (checked and turned into tensors) by ``decode_threads`` threads as soon as its bytes arrive,
-so that :meth:`take` hands over a decoded sample and the consumer's thread only waits when the pool is empty.
+so that :meth:`take` hands over a decoded sample; with ``decode_threads=0``, :meth:`take` decodes it in the
+consumer's thread.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Span = tuple[int, int, int]  # (shard id, start byte, end byte)
+_FAILED = object()
 MAX_RUN_BYTES = 16 << 20
 
 
@@ -52,10 +54,11 @@ class SpanPrefetcher:
                  decode: Callable[[Span, Any, bytes], Any] | None = None, decode_threads: int = 1):
         if depth < 1:
             raise ValueError(f"prefetch depth={depth} must be >= 1")
-        if decode_threads < 1:
-            raise ValueError(f"prefetch decode_threads={decode_threads} must be >= 1")
+        if decode_threads < 0:
+            raise ValueError(f"prefetch decode_threads={decode_threads} must be >= 0 (0: decode in take)")
         self._fetch, self.depth, self.max_run_bytes = fetch, depth, max_run_bytes
         self._submit, self._decode, self._decode_threads = submit, decode, decode_threads
+        self._decode_ahead = decode is not None and decode_threads > 0
         self._refill = max(1, depth // 4)
         self._queue: deque[tuple[Span, Any]] = deque()
         self._window: deque[_Run] = deque()
@@ -92,7 +95,7 @@ class SpanPrefetcher:
             self._window.append(run)
             self._held += len(run.spans)
             runs.append(run)
-        if self._decode is not None and self._decoders is None:
+        if self._decode_ahead and self._decoders is None:
             self._decoders = ThreadPoolExecutor(max_workers=self._decode_threads, thread_name_prefix="span-decode")
         submitted = (self._submit([(r.shard, r.start, r.end) for r in runs]) if self._submit is not None
                      else [None] * len(runs))
@@ -116,7 +119,7 @@ class SpanPrefetcher:
                 slot.set_exception(err)
             return
         data = fut.result()
-        if self._decode is None:
+        if not self._decode_ahead:
             for span, _, slot in run.items:
                 slot.set_result(self._cut(run, span, data))
             return
@@ -159,13 +162,18 @@ class SpanPrefetcher:
         if not run.spans:
             self._window.popleft()
         try:
-            return slot.result()
+            out = slot.result()
         except Exception:
             if not run.fetch_failed or (run.start, run.end) == (start, end):
                 raise
+            out = _FAILED
         finally:
             self._fill()
-        return self._direct(span, held_tag)  # the run's one request failed: each of its spans gets its own tries
+        if out is _FAILED:
+            return self._direct(span, held_tag)  # the run's one request failed: each of its spans gets its own tries
+        if self._decode is not None and not self._decode_ahead:
+            return self._decode(span, held_tag, out)
+        return out
 
     def _direct(self, span: Span, tag: Any) -> Any:
         data = self._fetch(*span)

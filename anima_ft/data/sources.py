@@ -307,7 +307,7 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
     return cat
 
 
-DECODE_THREADS = 1  # per reader: checksums and decoding of remote samples, beside the consumer's thread
+DECODE_THREADS = 1  # per reader: checksums and decoding of remote samples beside the consumer's thread (0: in it)
 
 
 class ShardReader:

@@ -230,6 +230,9 @@ def main() -> None:
     p.add_argument("--per-shard", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2, help="alternating plain/loader rounds")
     p.add_argument("--micro-batch", type=int, default=1, help="the loader's micro_batch_size")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="threads that check and decode remote samples (anima_ft.data.sources.DECODE_THREADS; 0: in "
+                        "the consumer's thread); default: the library's")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads of this process (1, like a DataLoader worker process)")
     args = p.parse_args()
@@ -239,6 +242,8 @@ def main() -> None:
     from anima_ft.data import sources
     from anima_ft.data.object_store import ObjectStore
 
+    if args.decode_threads is not None:
+        sources.DECODE_THREADS = args.decode_threads
     decode_threads = getattr(sources, "DECODE_THREADS", 0)  # 0: decoded in the consumer's thread (older code)
 
     cfg = RemoteConfig(prefetch_samples=args.pool)

@@ -19,7 +19,7 @@ class BadSample(Exception):
     pass
 
 
-def make(depth=3, fail=(), bad=()):
+def make(depth=3, fail=(), bad=(), decode_threads=1):
     """A prefetcher whose requests run in a thread pool via ``submit``; spans whose start is in ``fail`` fail
     when fetched as part of a longer run, and spans starting in ``bad`` fail to decode."""
     pool = ThreadPoolExecutor(4)
@@ -45,7 +45,8 @@ def make(depth=3, fail=(), bad=()):
             raise BadSample(span)
         return (tag, sum(data))
 
-    pf = SpanPrefetcher(fetch, depth=depth, max_run_bytes=300, submit=submit, decode=decode)
+    pf = SpanPrefetcher(fetch, depth=depth, max_run_bytes=300, submit=submit, decode=decode,
+                        decode_threads=decode_threads)
     return pf, calls, decoded_in, pool
 
 
@@ -63,8 +64,24 @@ def test_decoded_spans_come_back_in_order_and_are_decoded_off_the_consumer_threa
     pool.shutdown()
 
 
-def test_a_failed_run_is_read_again_span_by_span_and_decode_errors_reach_take():
-    pf, calls, decoded_in, pool = make(fail={0}, bad={100})
+def test_decode_threads_0_decodes_in_the_consumer_thread():
+    pf, calls, decoded_in, pool = make(decode_threads=0, bad={300})
+    spans = [(0, i * 100, i * 100 + 100) for i in range(5)]
+    pf.schedule(spans, tags=list(range(5)))
+    for i, span in enumerate(spans):
+        if span[1] == 300:
+            with pytest.raises(BadSample):
+                pf.take(*span)
+        else:
+            assert pf.take(*span) == (i, sum(DATA[span[1]:span[2]]))
+    assert decoded_in == [threading.current_thread().name] * 5
+    pf.close()
+    pool.shutdown()
+
+
+@pytest.mark.parametrize("decode_threads", [1, 0])
+def test_a_failed_run_is_read_again_span_by_span_and_decode_errors_reach_take(decode_threads):
+    pf, calls, decoded_in, pool = make(fail={0}, bad={100}, decode_threads=decode_threads)
     spans = [(0, 0, 100), (0, 100, 200), (0, 200, 300)]
     pf.schedule(spans, tags=["a", "b", "c"])
     assert pf.take(*spans[0]) == ("a", sum(DATA[0:100]))  # the run [0, 300) failed: this span re-fetched alone
