@@ -72,19 +72,24 @@ def write_shards(out: Path, num_shards: int, per_shard: int) -> int:
     return span
 
 
+def nginx_paths() -> tuple[str, list[Path]]:
+    """The nginx binary and the lua modules it loads; exits naming the packages to install when one is missing."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    modules = [NGINX_MODULES / "ndk_http_module.so", NGINX_MODULES / "ngx_http_lua_module.so"]
+    missing = [str(m) for m in modules if not m.exists()]
+    if binary is None or missing:
+        raise SystemExit(f"bench_remote --server nginx: {'nginx' if binary is None else ', '.join(missing)} not "
+                         f"found; install the Debian packages: apt-get install {NGINX_PACKAGES} (or use --server moto)")
+    return binary, modules
+
+
 class NginxServer:
     """nginx (one worker) serving ``root`` on 127.0.0.1 with a per-request delay of ``latency_ms`` (lua ngx.sleep)."""
 
     def __init__(self, root: Path, latency_ms: float, workdir: Path):
         from anima_ft.runtime import free_port
 
-        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-        modules = [NGINX_MODULES / "ndk_http_module.so", NGINX_MODULES / "ngx_http_lua_module.so"]
-        missing = [str(m) for m in modules if not m.exists()]
-        if binary is None or missing:
-            raise SystemExit(f"bench_remote --server nginx: {'nginx' if binary is None else ', '.join(missing)} not "
-                             f"found; install the Debian packages: apt-get install {NGINX_PACKAGES} (or use "
-                             "--server moto)")
+        binary, modules = nginx_paths()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         delay = f"access_by_lua_block {{ ngx.sleep({latency_ms / 1000:.6f}) }}" if latency_ms > 0 else ""
@@ -100,14 +105,14 @@ class NginxServer:
             *(f"  {k}_temp_path {tmp};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
             f"  server {{ listen 127.0.0.1:{self.port}; root {root};",
             f"    location / {{ autoindex on; {delay} }} }}", "}", ""]))
-        self._conf, self._log = conf, workdir / "nginx-error.log"
+        self._conf, self._log, self._binary = conf, workdir / "nginx-error.log", binary
         self._proc: subprocess.Popen | None = None
 
     def start(self) -> NginxServer:
         """Start nginx and wait until it answers (returns self)."""
         import urllib.request
 
-        self._proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(self._conf)],
+        self._proc = subprocess.Popen([self._binary, "-c", str(self._conf)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for _ in range(100):
             if self._proc.poll() is not None:
@@ -247,6 +252,8 @@ def main() -> None:
     decode_threads = getattr(sources, "DECODE_THREADS", 0)  # 0: decoded in the consumer's thread (older code)
 
     cfg = RemoteConfig(prefetch_samples=args.pool)
+    if args.server == "nginx":
+        nginx_paths()  # before minutes of writing shards
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "root" / "s").mkdir(parents=True)
