@@ -113,16 +113,38 @@ def verdict(rows: dict, pairs: dict, floor: float, treatments: list[str], held_o
         key, sign = (f"{best} - {other}", 1) if f"{best} - {other}" in pairs else (f"{other} - {best}", -1)
         d, se = pairs[key]
         beaten.append((other, sign * d, se, clear(d, se, floor)))
-    if all(c for *_, c in beaten):
-        out.append(f"**{best}** controlled forgetting best: its held-out loss is clearly below every other "
-                   "treatment's (" + "; ".join(f"vs {o}: {d:+.4f} +- {se:.4f}" for o, d, se, _ in beaten) + ").")
+    wins = [f"{o} ({d:+.4f} +- {se:.4f})" for o, d, se, c in beaten if c]
+    ties = [f"**{o}** ({d:+.4f} +- {se:.4f})" for o, d, se, c in beaten if not c]
+    if not ties:
+        out.append(f"**{best}** controlled forgetting best: its held-out end loss is clearly below every other "
+                   f"treatment's (vs {'; vs '.join(wins)}).")
     else:
-        ties = [o for o, *_, c in beaten if not c]
-        out.append(f"**{best}** has the lowest held-out loss, but it is not clearly distinguishable from "
-                   + ", ".join(f"**{o}**" for o in ties) + " ("
-                   + "; ".join(f"vs {o}: {d:+.4f} +- {se:.4f}" for o, d, se, _ in beaten)
-                   + f"; noise floor {floor:+.4f}); the data do not single out one winner.")
+        out.append(f"**{best}** has the lowest held-out end loss, but it is not clearly distinguishable from "
+                   + ", ".join(ties) + f" (noise floor {floor:+.4f})"
+                   + (f"; it is clearly below {', '.join(wins)}" if wins else "")
+                   + ". The data do not single out one winner.")
     return out
+
+
+def target_sentence(rows: dict, treatments: list[str], target: str, floor: float) -> str:
+    """What each treatment cost on the target (end loss vs no_replay, clear or not by the same rule)."""
+    parts = []
+    for n in treatments:
+        d, se = rows[n]["vs_no_replay"][target]
+        parts.append(f"{n} {d:+.4f} +- {se:.4f} ({'clear' if clear(d, se, floor) else 'not clear'})")
+    return ("Target end loss against the plain fine-tune (positive = less target gain; rule as above with the "
+            f"target noise floor {floor:+.4f}): " + "; ".join(parts) + ".")
+
+
+def timing_sentence(rows: dict, floor_name: str) -> str:
+    """How far the step-time column can be trusted: the two no_replay seeds cost the same by construction."""
+    a, b = rows["no_replay"]["step_s"], rows[floor_name]["step_s"]
+    spread = abs(a - b) / min(a, b)
+    return (f"Step times are medians of the logged `samples_per_s` on the machine as it was loaded: the two plain "
+            f"fine-tunes (identical cost by construction) measured {a:.3f} s and {b:.3f} s, a {100 * spread:.0f}% "
+            "spread, so step-time differences below that are load, not cost. The teacher-forward column is exact: "
+            "a preservation sample adds one forward pass of the frozen base (no backward) to the student's forward "
+            "and backward.")
 
 
 def markdown(result: dict, held_out: str, target: str) -> list[str]:
@@ -146,5 +168,8 @@ def markdown(result: dict, held_out: str, target: str) -> list[str]:
               f"`no_replay` by {fh:+.4f} +- {fsh:.4f} on the held-out images and {ft:+.4f} +- {fst:.4f} on the "
               "target images.", "", "Pairwise held-out end differences among the treatments:", ""]
     lines += [f"- {k}: {d:+.4f} +- {se:.4f}" for k, (d, se) in result["pairs"].items()]
-    lines += [""] + [f"- {s}" for s in result["verdict"]] + [""]
+    rows, floor_t = result["rows"], result["noise_floor"][target][0]
+    lines += [""] + [f"- {s}" for s in result["verdict"]]
+    lines += [f"- {target_sentence(rows, result['treatments'], target, floor_t)}", f"- {timing_sentence(rows, floor_name)}",
+              ""]
     return lines

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -86,11 +87,22 @@ def measure(lab_dir: Path, run_dir: Path, export_path: Path, probe_sets: dict[st
                    "losses": [[t.source, t.kind, t.weight] for t in dcfg.losses]},
         "training": loss_summary(run_dir / "metrics.jsonl", num_steps),
         "sigmas": sigmas, "num_noises": ev.num_noises, "gap_num_noises": gap_num_noises, "seed": ev.seed,
-        "sets": {name: redistribution(teacher, student, samples, sigmas, dcfg.reinit_seed, gap_num_noises, ev.seed,
-                                      others) for name, samples in probes.items()},
+        "sets": {name: _logged_redistribution(name, teacher, student, samples, sigmas, dcfg.reinit_seed,
+                                              gap_num_noises, ev.seed, others) for name, samples in probes.items()},
         "probe": {name: {"base": probe_base[name].mean(0).tolist(), "student": probe_student[name].mean(0).tolist()}
                   for name in probes},
     }
+
+
+def _logged_redistribution(name: str, teacher, student, samples, sigmas, reinit_seed, num_noises, seed, others):
+    """:func:`anima_ft.distill.attribution.redistribution` on one set, with a log line before and after (the
+    pairings re-run the teacher, so a set can take a while on a loaded CPU)."""
+    t0 = time.perf_counter()
+    logger.info("redistribution: teacher gaps of %d pairings on %s (%d images x %d sigmas x %d noises)",
+                4 + len(others), name, len(samples), len(sigmas), num_noises)
+    out = redistribution(teacher, student, samples, sigmas, reinit_seed, num_noises, seed, others)
+    logger.info("redistribution: %s done in %.0f s", name, time.perf_counter() - t0)
+    return out
 
 
 def flow_probe_table(result: dict) -> str:

@@ -262,8 +262,14 @@ def test_q1_section_matches_probe_metrics_and_configs(lab_dir):
     others = [o for o in treatments if o != best]
     clear = all(abs(d) > 2 * se and abs(d) > abs(fh) for d, se in (_paired(end[best]["replay_classes"],
                                                                             end[o]["replay_classes"]) for o in others))
-    expected = (f"**{best}** controlled forgetting best" if clear else f"**{best}** has the lowest held-out loss, but")
+    expected = (f"**{best}** controlled forgetting best" if clear else
+                f"**{best}** has the lowest held-out end loss, but")
     assert expected in section
+    ft = _paired(end["no_replay_seed1"]["target_classes"], end["no_replay"]["target_classes"])[0]
+    for v in treatments:
+        d, se = _paired(end[v]["target_classes"], end["no_replay"]["target_classes"])
+        word = "clear" if abs(d) > 2 * se and abs(d) > abs(ft) else "not clear"
+        assert f"{v} {d:+.4f} +- {se:.4f} ({word})" in section
     summary = json.loads((lab_dir / "lab_summary.json").read_text())
     assert summary["q1"]["treatments"] == list(treatments)
 

@@ -255,7 +255,9 @@ def test_q1_comparison_follows_its_formulas_and_rule():
     assert not clear(*r["pairs"]["replay25 - preserve"], floor)
     text = "\n".join(markdown(r, "h", "t"))
     assert "Clearly lower held-out loss than the plain fine-tune" in text and "**replay25**, **preserve**" in text
-    assert "**replay25** has the lowest held-out loss, but it is not clearly distinguishable from **preserve**" in text
+    assert "**replay25** has the lowest held-out end loss, but it is not clearly distinguishable from **preserve**" in text
+    assert "it is clearly below replay_preserve (" in text and "The data do not single out one winner." in text
+    assert "Target end loss against the plain fine-tune" in text and "a 0% spread" in text
     assert "| replay25 | +4.2% | +15.0% | -0.2325 +- 0.0118 |" in text
 
 
