@@ -45,31 +45,47 @@ def reinit_adapter(model: nn.Module, seed: int) -> nn.Module:
 
 
 @torch.no_grad()
-def teacher_gap(model: nn.Module, teacher: nn.Module, samples: Sequence[EvalSample], sigmas: Sequence[float],
-                num_noises: int = 4, seed: int = 0) -> dict[str, list[float]]:
-    """``{"gap": [J], "rel": [J]}`` in float64 (module docstring); both models are plain modules in eval mode."""
+def teacher_gaps(models: dict[str, nn.Module], teacher: nn.Module, samples: Sequence[EvalSample],
+                 sigmas: Sequence[float], num_noises: int = 4, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+    """``{name: {"gap": [J], "rel": [J]}}`` in float64 (module docstring) for every model, the teacher's velocity
+    computed once per (sample, sigma) and compared with each model's (one teacher pass instead of one per model);
+    all models are plain modules in eval mode."""
     if not samples:
         raise ValueError("teacher_gap needs at least one eval sample")
-    model, teacher = core_module(model).eval(), core_module(teacher).eval()
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    err = torch.zeros(len(sigmas), dtype=torch.float64)
+    models = {name: core_module(m).eval() for name, m in models.items()}
+    teacher = core_module(teacher).eval()
+    dtype = next(teacher.parameters()).dtype
+    device = next(teacher.parameters()).device
+    for name, m in models.items():
+        p = next(m.parameters())
+        if (p.dtype, p.device) != (dtype, device):
+            raise ValueError(f"teacher_gaps: model {name!r} is {p.dtype} on {p.device}, the teacher {dtype} on {device}; "
+                             "load them with the same dtype and device")
+    err = {name: torch.zeros(len(sigmas), dtype=torch.float64) for name in models}
     ref = torch.zeros(len(sigmas), dtype=torch.float64)
     for s in samples:
         cond = collate_condition(s, device, dtype)
         args = (cond["qwen_states"], cond["qwen_mask"], cond["t5_ids"], cond["t5_mask"])
-        ctx_m, ctx_t = model.encode_context(*args), teacher.encode_context(*args)
+        ctx_t = teacher.encode_context(*args)
+        ctx = {name: m.encode_context(*args) for name, m in models.items()}
         x_0 = s.latents.to(device=device, dtype=torch.float32)[None, :, None]  # [1, C, 1, h, w]
         for j, sigma in enumerate(sigmas):
             eps = torch.stack([probe_noise(s.key, sigma, k, x_0.shape[1:], seed) for k in range(num_noises)])
             x_t = ((1 - sigma) * x_0 + sigma * eps.to(device)).to(dtype)  # [K, C, 1, h, w]
             t = torch.full((num_noises,), sigma, device=device, dtype=dtype)
-            v_m = model.denoise(x_t, t, ctx_m.expand(num_noises, -1, -1)).double()
             v_t = teacher.denoise(x_t, t, ctx_t.expand(num_noises, -1, -1)).double()
-            err[j] += (v_m - v_t).pow(2).flatten(1).mean(1).sum().cpu()
+            for name, m in models.items():
+                v_m = m.denoise(x_t, t, ctx[name].expand(num_noises, -1, -1)).double()
+                err[name][j] += (v_m - v_t).pow(2).flatten(1).mean(1).sum().cpu()
             ref[j] += v_t.pow(2).flatten(1).mean(1).sum().cpu()
     n = len(samples) * num_noises
-    return {"gap": (err / n).tolist(), "rel": (err / ref).tolist()}
+    return {name: {"gap": (e / n).tolist(), "rel": (e / ref).tolist()} for name, e in err.items()}
+
+
+def teacher_gap(model: nn.Module, teacher: nn.Module, samples: Sequence[EvalSample], sigmas: Sequence[float],
+                num_noises: int = 4, seed: int = 0) -> dict[str, list[float]]:
+    """``{"gap": [J], "rel": [J]}`` of one model (:func:`teacher_gaps`)."""
+    return teacher_gaps({"model": model}, teacher, samples, sigmas, num_noises, seed)["model"]
 
 
 def redistribution(teacher: nn.Module, student: nn.Module, samples: Sequence[EvalSample], sigmas: Sequence[float],
@@ -82,14 +98,15 @@ def redistribution(teacher: nn.Module, student: nn.Module, samples: Sequence[Eva
     """
     R = reinit_adapter(teacher, reinit_seed)
     T, S = core_module(teacher), core_module(student)
-    rows = {
-        "teacher DiT + re-init adapter (before)": teacher_gap(pair(T, R), T, samples, sigmas, num_noises, seed),
-        "student DiT + re-init adapter (after)": teacher_gap(pair(S, R), T, samples, sigmas, num_noises, seed),
-        "student DiT + its own adapter": teacher_gap(S, T, samples, sigmas, num_noises, seed),
-        "student DiT + teacher adapter": teacher_gap(pair(S, T.llm_adapter), T, samples, sigmas, num_noises, seed),
+    paired = {
+        "teacher DiT + re-init adapter (before)": pair(T, R),
+        "student DiT + re-init adapter (after)": pair(S, R),
+        "student DiT + its own adapter": S,
+        "student DiT + teacher adapter": pair(S, T.llm_adapter),
     }
     for name, ref in (references or {}).items():
-        rows[f"{name} DiT + re-init adapter"] = teacher_gap(pair(ref, R), T, samples, sigmas, num_noises, seed)
+        paired[f"{name} DiT + re-init adapter"] = pair(ref, R)
+    rows = teacher_gaps(paired, T, samples, sigmas, num_noises, seed)  # the teacher runs once, not once per row
     before = rows["teacher DiT + re-init adapter (before)"]["gap"]
     after = rows["student DiT + re-init adapter (after)"]["gap"]
     shift = [1.0 - a / b if b > 0 else 0.0 for a, b in zip(after, before)]

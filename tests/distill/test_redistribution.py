@@ -92,3 +92,19 @@ def test_attribution_shifts_toward_the_dit(distilled):
     split = result["split"]
     for d, a, after in zip(split["dit"], split["adapter"], rows["student DiT + re-init adapter (after)"]["gap"]):
         assert d + a == pytest.approx(after, rel=1e-9, abs=1e-12)  # Shapley parts add up to the total change
+
+
+def test_one_teacher_pass_gives_each_row_what_a_pass_per_row_gives(distilled):
+    """``redistribution`` runs the teacher once for all pairings (``teacher_gaps``): every row must equal, exactly,
+    the gap computed with its own teacher pass; a model in another dtype than the teacher is refused."""
+    from anima_ft.distill.attribution import teacher_gaps
+
+    held_out = _samples(distilled["data"], [6, 7])
+    T, S = distilled["teacher"], distilled["student"]
+    R = reinit_adapter(T, REINIT_SEED)
+    models = {"before": pair(T, R), "after": pair(S, R), "own": S}
+    together = teacher_gaps(models, T, held_out, SIGMAS)
+    for name, m in models.items():
+        assert together[name] == teacher_gap(m, T, held_out, SIGMAS), name
+    with pytest.raises(ValueError, match="same dtype"):
+        teacher_gaps({"half": copy.deepcopy(S).to(torch.float64)}, T, held_out, SIGMAS)
