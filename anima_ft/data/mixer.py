@@ -40,8 +40,26 @@ T5_EOS = 1
 
 
 def collate(samples: list[dict], drop: list[bool], source_ids: list[int], names: list[str]) -> dict:
-    """Stack decoded samples of one bucket into a batch-contract dict (see the module docstring)."""
+    """Stack decoded samples of one bucket into a batch-contract dict (see the module docstring).
+
+    One sample that is not caption-dropped needs no padding: its latent and Qwen states are returned as views
+    ``[1, ...]`` of the decoded tensors (which nothing else holds), the same values, dtypes and shapes as the
+    stacking below; only the T5 ids are converted (int32 -> long)."""
     B = len(samples)
+    if B == 1 and not drop[0] and samples[0]["qwen_states"].shape[0] and samples[0]["t5_ids"].shape[0]:
+        sample = samples[0]
+        (S, _), L = sample["qwen_states"].shape, sample["t5_ids"].shape[0]
+        return {
+            "latents": sample["latent"].unsqueeze(0),
+            "qwen_states": sample["qwen_states"].unsqueeze(0),
+            "qwen_mask": torch.ones(1, S, dtype=torch.bool),
+            "t5_ids": sample["t5_ids"].to(torch.long).unsqueeze(0),
+            "t5_mask": torch.ones(1, L, dtype=torch.bool),
+            "source": [names[source_ids[0]]],
+            "source_id": torch.tensor(source_ids, dtype=torch.long),
+            "caption": [sample["meta"]["caption"]],
+            "key": [sample["key"]],
+        }
     s_len = max([1] + [0 if d else s["qwen_states"].shape[0] for s, d in zip(samples, drop)])
     t_len = max([1] + [0 if d else s["t5_ids"].shape[0] for s, d in zip(samples, drop)])
     C = samples[0]["qwen_states"].shape[1]

@@ -165,18 +165,17 @@ class MixPlanner:
         chunks = labels.reshape(num_micro, self.M)
         rng = np.random.default_rng([self.seed, 0x57E9, self.step])
         chunks = chunks[rng.permutation(num_micro)]  # chunks[j]: the sources of micro-batch j's slots
-        u_bucket = rng.random(num_micro)
-        drops = rng.random((num_micro, self.M)) < self.caption_dropout
-        comp = np.stack([(chunks == s).sum(1) for s in range(num_sources)], axis=1)  # [num_micro, S]
+        u_bucket = rng.random(num_micro)  # the caption dropout draws follow, below (only when a plan is built)
+        comp = (chunks[:, :, None] == np.arange(num_sources)).sum(1)  # [num_micro, S]: slots per source
         needed = (comp > 0) @ (1 << np.arange(num_sources))  # bit mask of the sources each chunk needs
         bucket_idx = np.empty(num_micro, dtype=np.int64)
-        for mask in np.unique(needed):
+        for mask in sorted(set(needed.tolist())):  # np.unique's order, without its overhead on tiny arrays
             rows = needed == mask
             cdf = self._bucket_cdf(frozenset(s for s in range(num_sources) if mask >> s & 1))
             bucket_idx[rows] = np.minimum(np.searchsorted(cdf, u_bucket[rows], side="right"), len(cdf) - 1)
         # start[j, s]: absolute position in the (s, bucket_j) stream where chunk j's draws begin
         start = np.zeros((num_micro, num_sources), dtype=np.int64)
-        for b in np.unique(bucket_idx):
+        for b in sorted(set(bucket_idx.tolist())):
             rows, bucket = bucket_idx == b, self.buckets[b]
             for s in range(num_sources):
                 taken = comp[rows, s]
@@ -186,8 +185,10 @@ class MixPlanner:
                 q0 = cursor[0] * len(self.catalog.by_bucket[s][bucket]) + cursor[1]
                 start[rows, s] = q0 + np.cumsum(taken) - taken
                 cursor[0], cursor[1] = divmod(q0 + int(taken.sum()), len(self.catalog.by_bucket[s][bucket]))
-        wanted = range(num_micro) if materialize is None else materialize
+        wanted = range(num_micro) if materialize is None else list(materialize)
         plans: list[MicroBatchPlan | None] = [None] * num_micro
+        if wanted:  # the last draws of this global batch's generator: skipped when only advancing the state
+            drops = rng.random((num_micro, self.M)) < self.caption_dropout
         for j in wanted:
             bucket, seen = self.buckets[bucket_idx[j]], [0] * num_sources
             samples = []
