@@ -96,6 +96,9 @@ class _RankStream(IterableDataset):
                  remote: RemoteConfig | None = None):
         self.catalog, self.planner_args, self.planner_state = catalog, planner_args, planner_state
         self.micro, self.rank, self.remote = micro, rank, remote
+        # in the consumer's process (num_workers 0): planner state after each global batch planned, by step, for
+        # MixedStream to take instead of planning the batch a second time (None: not recorded)
+        self.states: dict[int, tuple[list[float], dict]] | None = None
 
     def _plans(self, planner: MixPlanner, worker: int, num_workers: int):
         """This worker's micro-batch plans, in the order it loads them (endless)."""
@@ -107,6 +110,8 @@ class _RankStream(IterableDataset):
                     mine.append(a * planner.W + self.rank)
                 i += 1
             plans = planner.next_global_batch(materialize=mine)
+            if self.states is not None:  # copies: this planner keeps moving its cursors in place
+                self.states[planner.step] = (list(planner.carry), {k: list(v) for k, v in planner.cursors.items()})
             yield from (plans[j] for j in mine)
             skip = 0
 
@@ -189,6 +194,7 @@ class MixedStream:
                               "world_size": dp_world_size, "seed": seed, "caption_dropout": caption_dropout}
         self._planner = MixPlanner(self.catalog, {s.name: s.weight for s in sources}, **self._planner_args)
         self._micro = 0  # micro-batches of the current global batch already consumed by this rank
+        self._ahead: dict | None = None  # the live in-process _RankStream's planner states (see _RankStream.states)
         self._pending: dict[str, float] | None = None
         self._generation = 0  # bumped when the state changes outside the normal flow: live iterators restart
         self._seen = Counter()
@@ -204,7 +210,9 @@ class MixedStream:
         planner_args = {**self._planner_args, "weights": dict(zip(self.catalog.names, self._planner.weights))}
         dataset = _RankStream(self.catalog, planner_args, self._planner.state_dict(), self._micro, self.rank,
                               self.remote)
+        self._ahead = None
         if self.num_workers == 0:
+            dataset.states = self._ahead = {}
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
 
@@ -214,7 +222,12 @@ class MixedStream:
         self._seen.update(batch["source"])
         self._micro += 1
         if self._micro == self._planner.A:
-            self._planner.next_global_batch(materialize=())  # advance only: the batches came from _RankStream
+            planned = self._ahead.pop(self._planner.step + 1, None) if self._ahead is not None else None
+            if planned is None:
+                self._planner.next_global_batch(materialize=())  # advance only: the batches came from _RankStream
+            else:  # the in-process _RankStream planned this global batch from this same state: take the result
+                self._planner.carry, self._planner.cursors = planned
+                self._planner.step += 1
             self._micro = 0
             if self._pending is not None:
                 self._planner.set_weights(self._pending)
