@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,12 +217,22 @@ def _config_for(path: Path, where: str, metadata: Mapping[str, str], shapes, dty
                      + "; ".join(parts))
 
 
-def plan_anima_load(
-    path: str | os.PathLike, adapter_path: str | os.PathLike | None = None, cfg: AnimaConfig | None = None,
-) -> tuple[AnimaConfig, dict[str, tuple[Path, str, str, list[int]]]]:
-    """The checks of :func:`load_anima` without reading a tensor: ``(config, {internal name: (file, key, dtype,
-    shape)})``. Headers are validated and every tensor is checked against the config (all problems in one
-    ValueError naming the file)."""
+def load_anima(
+    path: str | os.PathLike,
+    adapter_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    cfg: AnimaConfig | None = None,
+) -> Anima:
+    """Load an official Anima single file (DiT + adapter, or DiT with ``adapter_path`` holding the adapter).
+
+    The config is ``cfg`` if given, else the one :func:`save_anima` stored in the metadata (which must agree with the
+    tensors: a ValueError lists the disagreeing fields and tensors), else the one the tensor shapes imply
+    (:func:`~anima_ft.model.config.inspect_layout`). Before any tensor is read, each file's header is validated
+    (:func:`read_header`) and every tensor is checked against the config: all missing, unexpected, mis-shaped and
+    non-float tensors are listed in one ``ValueError`` naming the file. The model is built on the meta device and
+    filled tensor by tensor, so no random full-size init happens. ``dtype=None`` keeps the file's dtype.
+    """
     path = Path(path)
     header = read_header(path)
     sources = _collect(path, header, adapter_only=False)
@@ -242,45 +252,17 @@ def plan_anima_load(
         report = check_layout(cfg, shapes, dtypes)
         if report:
             raise ValueError(f"{where} does not match the given model config: {report.message()}")
-    return cfg, sources
-
-
-def read_planned_tensors(sources: Mapping[str, tuple[Path, str, str, list[int]]], names: Sequence[str] | None = None,
-                         dtype: torch.dtype | None = None):
-    """Yield ``(internal name, tensor)`` for ``names`` (default: all) from a :func:`plan_anima_load` plan, file by
-    file; a read error is a ValueError naming the file."""
-    wanted = list(sources) if names is None else list(names)
-    for file in dict.fromkeys(sources[n][0] for n in wanted):
+    model = build_anima(cfg, device="meta")
+    state: dict[str, torch.Tensor] = {}
+    for file in dict.fromkeys(p for p, _, _, _ in sources.values()):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for n in wanted:
-                    p, key, _, _ = sources[n]
+                for n, (p, key, _, _) in sources.items():
                     if p == file:
                         t = f.get_tensor(key)
-                        yield n, t if dtype is None else t.to(dtype)
+                        state[n] = t if dtype is None else t.to(dtype)
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"could not read tensors from {file}: {exc}") from exc
-
-
-def load_anima(
-    path: str | os.PathLike,
-    adapter_path: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    cfg: AnimaConfig | None = None,
-) -> Anima:
-    """Load an official Anima single file (DiT + adapter, or DiT with ``adapter_path`` holding the adapter).
-
-    The config is ``cfg`` if given, else the one :func:`save_anima` stored in the metadata (which must agree with the
-    tensors: a ValueError lists the disagreeing fields and tensors), else the one the tensor shapes imply
-    (:func:`~anima_ft.model.config.inspect_layout`). Before any tensor is read, each file's header is validated
-    (:func:`read_header`) and every tensor is checked against the config: all missing, unexpected, mis-shaped and
-    non-float tensors are listed in one ``ValueError`` naming the file. The model is built on the meta device and
-    filled tensor by tensor, so no random full-size init happens. ``dtype=None`` keeps the file's dtype.
-    """
-    cfg, sources = plan_anima_load(path, adapter_path, cfg)
-    model = build_anima(cfg, device="meta")
-    state = dict(read_planned_tensors(sources, dtype=dtype))
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device)
 

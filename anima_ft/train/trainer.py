@@ -80,24 +80,11 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row (a checkpoint was saved first)."""
 
 
-def build_model(cfg: Config, world_size: int = 1):
-    """The Anima module from ``model.init_path`` (official file) or a seeded random init of ``model.size``.
-
-    Under ZeRO-3 on several ranks (without distillation, whose teacher is a copy of the whole student) the file is
-    loaded straight into partitions (``zero3_load.py``)."""
+def build_model(cfg: Config):
+    """The Anima module from ``model.init_path`` (official file) or a seeded random init of ``model.size``."""
     from anima_ft.model import AnimaConfig, build_anima, load_anima
 
-    if cfg.model.init_path and cfg.dist.zero_stage == 3 and world_size > 1 and not cfg.distill.enabled:
-        from anima_ft.model.state_dict import plan_anima_load
-
-        from .zero3_load import load_anima_partitioned
-
-        _, sources = plan_anima_load(cfg.model.init_path, cfg.model.adapter_path or None)
-        n = sum(torch.Size(shape).numel() for _, _, _, shape in sources.values())
-        dtype = torch.bfloat16 if cfg.dist.precision == "bf16" else torch.float32
-        model = load_anima_partitioned(cfg.model.init_path, cfg.model.adapter_path or None, dtype,
-                                       build_deepspeed_config(cfg, world_size, n))
-    elif cfg.model.init_path:
+    if cfg.model.init_path:
         dtype = torch.bfloat16 if cfg.dist.precision == "bf16" else torch.float32
         model = load_anima(cfg.model.init_path, adapter_path=cfg.model.adapter_path or None, dtype=dtype)
     else:
@@ -123,8 +110,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.stages = build_stages(cfg)
         self.total = total_steps(self.stages)
-        self.model = build_model(cfg, env.world_size)
-        self.ds_config = build_deepspeed_config(cfg, env.world_size, sum(numel(p) for p in self.model.parameters()))
+        self.model = build_model(cfg)
+        self.ds_config = build_deepspeed_config(cfg, env.world_size, sum(p.numel() for p in self.model.parameters()))
         self.model_cfg = self.model.cfg
         # the teacher is copied from the untouched student, before an adapter source may replace its adapter
         self.objective = build_objective(cfg, self.model, self.ds_config, env.device)
