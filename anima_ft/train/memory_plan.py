@@ -3,9 +3,11 @@
 Per rank, for ``total`` parameters of which ``trainable`` train, ``world`` data-parallel ranks, bf16 weights and
 fp32 optimizer state (docs/full_size_cpu.md#plan compares every term with the measured peak at full size):
 
-* ``weights``: 2 B x total, also under ZeRO-3: the trainer loads the whole file on every rank and DeepSpeed
-  partitions it afterwards, so the peak still holds every weight once (measured at full size: ZeRO-3 peaked at
-  8.7-8.9 GiB per rank against 8.3-8.7 for ZeRO-2; the partitioned 2 B x total / world is the steady state only);
+* ``weights``: 2 B x total, also under ZeRO-3. Its partitioned 2 B x total / world comes with up to
+  ``stage3_max_live_parameters`` (DeepSpeed's default 1e9 elements, 2 GB of bf16) gathered during the step, and
+  the trainer loads the whole file on every rank before DeepSpeed partitions it; at full size ZeRO-3 peaked at
+  8.7-8.9 GiB per rank against 8.3-8.8 for ZeRO-2 (docs/full_size_cpu.md#defects; loading straight into
+  partitions was tried and did not lower the peak);
 * ``grads``: 2 B x trainable, the bf16 gradients backward produces before they are reduced into partitions;
 * ``optimizer``: 16 B x trainable / world: fp32 master weights, Adam's two moments and the fp32 gradient
   partition of the update (ZeRO-1/2/3 all partition these);
