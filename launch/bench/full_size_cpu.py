@@ -267,6 +267,7 @@ changed, same, tensors = {{}}, {{}}, {{}}
 with safe_open({str(model)!r}, "pt") as a, safe_open({str(exported)!r}, "pt") as b:
     names_a, names_b = sorted(a.keys()), sorted(b.keys())
     shapes_equal = names_a == names_b and all(a.get_slice(n).get_shape() == b.get_slice(n).get_shape() for n in names_a)
+    dtypes = sorted({{b.get_slice(n).get_dtype() for n in names_b}})
     for n in names_a:
         g = lr_group(strip_prefix(n))
         x, y = a.get_tensor(n), b.get_tensor(n)
@@ -276,7 +277,7 @@ with safe_open({str(model)!r}, "pt") as a, safe_open({str(exported)!r}, "pt") as
         else:
             changed[g] = changed.get(g, 0) + 1
 print(json.dumps({{"tensors": len(names_a), "loaded_by_load_anima": loaded, "names_and_shapes_equal": shapes_equal,
-                  "dtype": str(b.get_tensor(names_b[0]).dtype) if False else "bf16",
+                  "dtypes": dtypes,
                   "tensors_by_group": tensors, "changed_by_group": changed, "unchanged_by_group": same,
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}))
 """
@@ -288,6 +289,7 @@ print(json.dumps({{"tensors": len(names_a), "loaded_by_load_anima": loaded, "nam
     frozen = [g for g in cmp["tensors_by_group"] if g not in trained]
     res["frozen_bitwise_equal"] = all(cmp["changed_by_group"].get(g, 0) == 0 for g in frozen)
     res["trained_groups_changed"] = all(cmp["changed_by_group"].get(g, 0) > 0 for g in trained)
+    res["official_bf16"] = cmp["dtypes"] == ["BF16"]
     return res
 
 
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"done: {out / 'results.md'}")
     print((out / "results.md").read_text())
     ok = res.get("resume_losses_equal", True) and all(res.get("export", {}).get(k, True) for k in (
-        "frozen_bitwise_equal", "trained_groups_changed", "names_and_shapes_equal"))
+        "frozen_bitwise_equal", "trained_groups_changed", "names_and_shapes_equal", "official_bf16"))
     return 0 if ok else 1
 
 

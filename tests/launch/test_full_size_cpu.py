@@ -56,7 +56,7 @@ def test_every_phase_at_tiny_size(tmp_path):
     assert set(res["resume_bitwise"]) == {"4", "5", "6"}
     ex = res["export"]
     assert ex["names_and_shapes_equal"] and ex["tensors"] == ex["loaded_by_load_anima"] == 89
-    assert ex["frozen_bitwise_equal"] and ex["trained_groups_changed"]
+    assert ex["frozen_bitwise_equal"] and ex["trained_groups_changed"] and ex["dtypes"] == ["BF16"]
     assert set(ex["changed_by_group"]) <= {"mod", "llm_adapter"}
     assert sorted(map(int, res["runs"]["universal_1rank"]["losses"])) == [7, 8]  # resumed at 6 on one rank
     assert res["runs"]["universal_1rank"]["convert_s"], "the 1-rank run did not go through the universal conversion"
