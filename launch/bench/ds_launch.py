@@ -27,10 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], log: Path, cpu: bool, fault: str = "") -> subprocess.Popen:
-    """Start one single-rank run of ``launch/train.py ARGS``; output is appended to ``log``.
+def start(args: list[str], log: Path, cpu: bool, fault: str = "", num_gpus: int = 1,
+          new_session: bool = False) -> subprocess.Popen:
+    """Start a ``num_gpus``-rank run of ``launch/train.py ARGS``; output is appended to ``log``.
 
-    ``cpu``: DeepSpeed's CPU accelerator (the smoke runs); ``fault``: ``ANIMA_FT_FAULT`` (trainer fault injection).
+    ``cpu``: DeepSpeed's CPU accelerator (the smoke runs); ``fault``: ``ANIMA_FT_FAULT`` (trainer fault injection);
+    ``new_session``: the launcher leads its own process group, so ``os.killpg(proc.pid, ...)`` reaches every rank.
     """
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ANIMA_FT_FAULT"):
@@ -41,12 +43,14 @@ def start(args: list[str], log: Path, cpu: bool, fault: str = "") -> subprocess.
         env["DS_ACCELERATOR"] = "cpu"
     if fault:
         env["ANIMA_FT_FAULT"] = fault
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-           str(TRAIN), *args]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port",
+           str(free_port()), str(TRAIN), *args]
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:  # the child keeps its own copy of the descriptor
         f.write(f"$ {' '.join(cmd)}\n# ANIMA_FT_FAULT={fault}\n")
         f.flush()
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=new_session)
 
 
 def wait(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, object]:

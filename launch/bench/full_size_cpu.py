@@ -50,10 +50,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
+import ds_launch  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from anima_ft.runtime import free_port, write_json_atomic  # noqa: E402
+from anima_ft.runtime import write_json_atomic  # noqa: E402
 
 RECIPE = REPO / "configs" / "anima_full_h100x8.yaml"
 TRAINED = ("mod", "llm_adapter")
@@ -186,27 +187,12 @@ def run_config(out: Path, name: str, model: Path, globs: dict, zero: int, steps:
     return path
 
 
-def launch(config: Path, log: Path, world: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu",
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ANIMA_FT_FAULT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port",
-           str(free_port()), str(REPO / "launch" / "train.py"), "--config", str(config)]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def train(out: Path, name: str, config: Path, world: int, timeout: float, kill_after_step: int | None = None) -> dict:
     """Run to the end (or SIGKILL every process once ``kill_after_step``'s checkpoint is complete); a summary."""
     log = out / "logs" / f"{name}.log"
     run_dir = Path(yaml.safe_load(config.read_text())["run"]["dir"])
     t0 = time.time()
-    proc = launch(config, log, world)
+    proc = ds_launch.start(["--config", str(config)], log, cpu=True, num_gpus=world, new_session=True)
     watch = RankWatcher(proc.pid)
     watch.start()
     killed = False
@@ -367,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                     "existing OUT (the model and shards are reused when present; results.json is updated); "
                     "zero2 includes the export, the kill -9 resume and the 1-rank universal resume")
     args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # per rank, as launch/bench/full_size_cpu.sh sets it
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     p = plan(args.smoke)
