@@ -283,10 +283,16 @@ def save_state_dict_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.P
     atomic_save_with(path, lambda name: save_file(dict(tensors), name, metadata=dict(metadata)))
 
 
+def anima_metadata(cfg: AnimaConfig, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The safetensors metadata of an Anima file this project writes: the resolved config (read back by
+    :func:`stored_config`), ``format``, and ``extra`` as strings."""
+    meta = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
 def save_anima(
     model: Anima, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, dtype=torch.bfloat16
 ) -> None:
     """Save in the official layout (``net.`` prefix, bf16 by default) with the resolved config in the metadata."""
-    meta = {CONFIG_METADATA_KEY: json.dumps(model.cfg.to_dict()), "format": "pt"}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    save_state_dict_atomic(official_state_dict(model, dtype), path, meta)
+    save_state_dict_atomic(official_state_dict(model, dtype), path, anima_metadata(model.cfg, metadata))

@@ -21,7 +21,7 @@ from torch import nn
 from anima_ft.runtime import atomic_save_with, release_freed_memory
 
 from .config import AnimaConfig
-from .state_dict import CONFIG_METADATA_KEY, OFFICIAL_PREFIX, build_anima, dtype_name, strip_prefix
+from .state_dict import OFFICIAL_PREFIX, anima_metadata, build_anima, dtype_name, strip_prefix
 
 _ALIGN = 8  # the header is padded with spaces so the data starts 8-byte aligned, as safetensors itself does
 
@@ -164,7 +164,7 @@ def write_random_anima(path: str | os.PathLike, cfg: AnimaConfig, seed: int = 0,
     ``load_anima`` reads it back with the same checks as an official file.
     """
     layout = anima_layout(cfg, dtype)
-    meta = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt", "anima_ft.random_seed": str(seed)}
+    meta = anima_metadata(cfg, {"anima_ft.random_seed": seed})
     write_streamed(path, layout, lambda: random_anima_tensors(cfg, seed, dtype), meta)
     return sum(torch.Size(shape).numel() for shape, _ in layout.values())
 
@@ -179,8 +179,7 @@ def save_anima_streamed(cfg: AnimaConfig, tensors: Mapping[str, object], path: s
     missing = [n for n in layout if strip_prefix(n) not in tensors]
     if missing:
         raise ValueError(f"save_anima_streamed({path}): {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
-    meta = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    meta = anima_metadata(cfg, metadata)
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
         for name in layout:
