@@ -22,4 +22,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# On a CPU-only machine DeepSpeed's gloo ranks use its shared-memory communication op, which it compiles on the first
+# run (about 50 s on 2 cores); build it here, with the installation, so a first training run does not pay for it.
+if [ ! -f "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so" ] \
+    && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "setup_env: building DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR (once)"
+  if ! DS_ACCELERATOR=cpu python -c "
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder('ShareMemCommBuilder')
+builder.load(verbose=False)" >"$VENV/shm_op_build.log" 2>&1; then
+    echo "setup_env: WARNING: the op build failed (log: $VENV/shm_op_build.log); DeepSpeed will retry it on the first run"
+  fi
+fi
 set +euo pipefail
