@@ -417,7 +417,7 @@ def read_sample(fileobj: io.BufferedReader, entry: dict, qwen_dim: int) -> dict:
     except OSError as err:
         raise SampleError("unreadable_shard", f"reading bytes [{start}, {end}): {err}") from err
     del buf[got:]  # short at the end of the file: the member checks report it as truncated
-    return _decode_buffer(buf, entry, qwen_dim)
+    return decode_owned(buf, entry, qwen_dim)
 
 
 def decode_span(span: bytes, entry: dict, qwen_dim: int) -> dict:
@@ -427,11 +427,16 @@ def decode_span(span: bytes, entry: dict, qwen_dim: int) -> dict:
     The result equals :func:`decode_members` of :func:`split_members` (same reasons, dtypes, shapes and bits); its
     tensors are writable views of one private copy of ``span``, so they share no memory with ``span`` itself.
     """
-    return _decode_buffer(bytearray(span), entry, qwen_dim)
+    return decode_owned(bytearray(span), entry, qwen_dim)
 
 
-def _decode_buffer(buf: bytearray, entry: dict, qwen_dim: int) -> dict:
-    """:func:`decode_span` on a buffer that nothing else uses: the tensors returned are views of it."""
+def decode_owned(buf: bytearray, entry: dict, qwen_dim: int) -> dict:
+    """:func:`decode_span` without its copy, for a buffer that the caller hands over (nothing else reads or writes
+    it afterwards): the tensors returned are views of ``buf`` itself. Same result, reasons and bits as
+    :func:`decode_span`; ``TypeError`` for anything but a ``bytearray`` (``bytes`` cannot back writable tensors)."""
+    if type(buf) is not bytearray:
+        raise TypeError(f"decode_owned takes the bytearray it decodes in place, got {type(buf).__name__}; use "
+                        "decode_span for bytes")
     key = entry["key"]
     ranges = _member_ranges(buf, entry, key)
     if entry.get("checksums") is not None:

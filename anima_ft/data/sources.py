@@ -33,6 +33,7 @@ from anima_ft.data.shard_cache import ShardCache
 from anima_ft.data.shard_format import (
     MEMBERS,
     SampleError,
+    decode_owned,
     decode_span,
     index_path_for,
     parse_index,
@@ -345,10 +346,13 @@ class ShardReader:
     def _submit(self, spans: list[tuple[int, int, int]]) -> list:
         return self.store.submit_ranges([(self.catalog.shard_paths[k], a, b) for k, a, b in spans])
 
-    def _decode(self, span: tuple[int, int, int], entry: dict | int, data: bytes) -> dict:
-        """A remote sample's bytes checked and decoded (in a decode thread); ``entry`` may be its sample id."""
-        return decode_span(data, self.catalog.entry(entry) if isinstance(entry, int) else entry,
-                           self.catalog.qwen_dim)
+    def _decode(self, span: tuple[int, int, int], entry: dict | int, data: bytes | bytearray) -> dict:
+        """A remote sample's bytes checked and decoded (in a decode thread); ``entry`` may be its sample id. A
+        ``bytearray`` is the private buffer of one request (``ObjectStore.range_coroutine``) or a slice of one,
+        handed over by the prefetcher, so it is decoded in place; ``bytes`` are copied once."""
+        entry = self.catalog.entry(entry) if isinstance(entry, int) else entry
+        decode = decode_owned if type(data) is bytearray else decode_span
+        return decode(data, entry, self.catalog.qwen_dim)
 
     @property
     def prefetcher(self) -> SpanPrefetcher:

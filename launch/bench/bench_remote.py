@@ -4,8 +4,10 @@ Writes shards of 1024-px-equivalent samples (latent 16x128x128 bf16 + 512 Qwen t
 each), serves them on 127.0.0.1 with ``--latency-ms`` added to every request, and measures in the same run, against
 the same endpoint and the same objects:
 
-* plain GETs: ``--pool`` concurrent ranged GETs of the sample spans (fsspec's async ``_cat_file`` of the same
-  filesystem the loader uses, on its event loop; nothing decoded), the limit of the setup;
+* plain GETs: ``--pool`` concurrent ranged GETs of the sample spans on the event loop of the same filesystem the
+  loader uses, nothing decoded, by two clients: fsspec's ``_cat_file`` and the store's own request coroutine
+  (``ObjectStore.range_coroutine``, what the loader's requests run); the faster round of either is the limit of
+  the setup, the denominator;
 * loader: one ``MixedStream`` (num_workers=0, micro_batch_size 1) with ``data.remote.prefetch_samples = --pool``,
   checksumming and decoding every sample;
 * with ``curl`` installed, also ``curl --parallel`` of the same ranges (a native client, for context only).
@@ -22,7 +24,9 @@ Servers (``--server``):
 Nothing is installed here: a missing server binary or module is an error naming the package to install.
 The pool is run twice in a row per side (``--repeat``), and the better of each side is reported with both.
 Prints one JSON line: byte rates, the loader's share of the plain GETs, samples/s, the pool's memory bound
-(pool x sample bytes), the peak RSS growth of the loader, the CPU model (lscpu) and the load average. Usage::
+(pool x sample bytes), the peak RSS growth of the loader, the process CPU time per sample of every round (and the
+loader's by thread: robust to other load on the machine, unlike the rates), the CPU model (lscpu) and the load
+average. Usage::
 
     python launch/bench/bench_remote.py --server nginx --latency-ms 20 --pool 32 --samples 600
 """
@@ -144,28 +148,53 @@ def serve_moto(latency_ms: float) -> None:
     server.stop()
 
 
-def plain_gets(store, spans: list[tuple[str, int, int]], pool: int) -> tuple[int, float]:
-    """``pool`` concurrent ranged GETs of ``spans`` on the filesystem's own event loop: (bytes, seconds)."""
+PLAIN_CLIENTS = ("cat_file", "store")
+
+
+def plain_gets(store, spans: list[tuple[str, int, int]], pool: int, client: str = "cat_file") -> tuple[int, float, float]:
+    """``pool`` concurrent ranged GETs of ``spans`` on the filesystem's own event loop, nothing else done with the
+    bodies: (bytes, seconds, process CPU seconds). ``client``: ``cat_file`` (fsspec's ``_cat_file``, bytes) or
+    ``store`` (``ObjectStore.range_coroutine``: the coroutine the loader's requests run, without the retry wrapper)."""
     from fsspec.asyn import sync
 
     fs, _ = store.filesystem(spans[0][0])
     paths = [(store.filesystem(u)[1], a, b) for u, a, b in spans]
+    get = (store.range_coroutine(fs) if client == "store"
+           else lambda fs, p, a, b: fs._cat_file(p, start=a, end=b))
 
     async def run() -> int:
         sem = asyncio.Semaphore(pool)
 
         async def one(p, a, b):
             async with sem:
-                data = await fs._cat_file(p, start=a, end=b)
+                data = await get(fs, p, a, b)
             if len(data) != b - a:
                 raise RuntimeError(f"plain GET of {p} [{a}, {b}) returned {len(data)} bytes")
             return len(data)
 
         return sum(await asyncio.gather(*(one(*s) for s in paths)))
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     got = sync(fs.loop, run)
-    return got, time.perf_counter() - t0
+    return got, time.perf_counter() - t0, time.process_time() - c0
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's threads so far, summed by thread name without its number
+    (``MainThread``, ``fsspecIO``, ``span-decode``; /proc/self/task)."""
+    import threading
+
+    names = {t.native_id: t.name.split("_")[0] for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = names.get(int(tid), "other")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def measured_latency_ms(store, span: tuple[str, int, int], n: int = 10) -> float:
@@ -203,23 +232,25 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def loader_run(source, cfg, samples: int, micro: int = 1) -> tuple[float, float, dict]:
+def loader_run(source, cfg, samples: int, micro: int = 1) -> tuple[float, float, dict, float, dict]:
     """One MixedStream (num_workers 0): (seconds for ``samples`` batches after the first, peak RSS growth MB over
-    the RSS before the stream was made, sampled after every batch, io counters)."""
+    the RSS before the stream was made, sampled after every batch, io counters, process CPU seconds and CPU
+    seconds by thread over the same batches)."""
     from anima_ft.data import MixedStream, SourceSpec
 
     rss0 = peak = rss_mb()
     stream = MixedStream([SourceSpec("bench", source)], micro_batch_size=micro, seed=0, remote=cfg)
     it = iter(stream)
     next(it)  # start-up (the first requests) outside the timed part
-    t0 = time.perf_counter()
+    t0, c0, threads0 = time.perf_counter(), time.process_time(), thread_cpu_s()
     for _ in range(samples // micro):
         batch = next(it)
         assert batch["latents"].shape == (micro, 16, 128, 128)
         peak = max(peak, rss_mb())
-    load_s = time.perf_counter() - t0
+    load_s, cpu_s, threads = time.perf_counter() - t0, time.process_time() - c0, thread_cpu_s()
     it.close()
-    return load_s, peak - rss0, stream.stats()["io"]
+    by_thread = {k: v - threads0.get(k, 0.0) for k, v in threads.items() if v - threads0.get(k, 0.0) > 0}
+    return load_s, peak - rss0, stream.stats()["io"], cpu_s, by_thread
 
 
 def main() -> None:
@@ -289,12 +320,14 @@ def main() -> None:
             plain_gets(store, spans[: args.pool], args.pool)  # connections opened outside the timed part
             latency = measured_latency_ms(store, spans[0])
             plain, loads = [], []
+            n = args.samples // args.micro_batch * args.micro_batch
             for _ in range(args.repeat):
-                got, s = plain_gets(store, spans, args.pool)
-                plain.append(got / s)
-                load_s, rss_mb, io = loader_run(source, cfg, args.samples, args.micro_batch)
-                n = args.samples // args.micro_batch * args.micro_batch
-                loads.append((n * span_bytes / load_s, n / load_s, rss_mb, io))
+                for client in PLAIN_CLIENTS:  # the denominator is the faster of the two clients
+                    got, s, cpu_s = plain_gets(store, spans, args.pool, client)
+                    plain.append((got / s, client, cpu_s / len(spans)))
+                load_s, rss_mb, io, cpu_s, threads = loader_run(source, cfg, args.samples, args.micro_batch)
+                loads.append((n * span_bytes / load_s, n / load_s, rss_mb, io, cpu_s / n,
+                              {k: round(v / n * 1e3, 2) for k, v in sorted(threads.items())}))
             curl_rate = curl_gets(spans, args.pool)
         finally:
             if server is not None:
@@ -302,16 +335,20 @@ def main() -> None:
             if child is not None:
                 child.stdin.close()
                 child.wait(timeout=30)
-    base_rate, (load_rate, sps, rss_mb, io) = max(plain), max(loads, key=lambda r: r[0])
+    (base_rate, base_client, _), (load_rate, sps, rss_mb, io, _, _) = max(plain), max(loads, key=lambda r: r[0])
     print(json.dumps({
         "server": args.server, "served_by": served, "latency_ms": args.latency_ms, "latency_added_by": how,
         "measured_request_latency_ms": round(latency, 1), "pool": args.pool, "micro_batch": args.micro_batch,
         "decode_threads": decode_threads, "sample_bytes": span_bytes, "samples": args.samples,
         "torch_threads": torch.get_num_threads(),
-        "plain_get_MBps": round(base_rate / 1e6, 1), "loader_MBps": round(load_rate / 1e6, 1),
+        "plain_get_MBps": round(base_rate / 1e6, 1), "plain_client": base_client,
+        "loader_MBps": round(load_rate / 1e6, 1),
         "loader_share_of_plain": round(load_rate / base_rate, 3), "loader_samples_per_s": round(sps, 1),
-        "rounds_plain_MBps": [round(r / 1e6, 1) for r in plain], "rounds_loader_MBps": [round(r[0] / 1e6, 1)
-                                                                                          for r in loads],
+        "rounds_plain_MBps": [f"{c} {r / 1e6:.1f}" for r, c, _ in plain],
+        "rounds_loader_MBps": [round(r[0] / 1e6, 1) for r in loads],
+        "rounds_plain_cpu_ms_per_sample": [f"{c} {cpu * 1e3:.2f}" for _, c, cpu in plain],
+        "rounds_loader_cpu_ms_per_sample": [round(r[4] * 1e3, 2) for r in loads],
+        "rounds_loader_cpu_ms_per_sample_by_thread": [r[5] for r in loads],
         "curl_parallel_MBps": None if curl_rate is None else round(curl_rate / 1e6, 1),
         "pool_memory_bound_MB": round(args.pool * span_bytes / 1e6, 1), "peak_rss_growth_MB": round(rss_mb, 1),
         "io": io, "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}))

@@ -17,6 +17,7 @@ from anima_ft.data.shard_format import (
     ShardWriter,
     _all_finite_bf16,
     decode_members,
+    decode_owned,
     decode_span,
     make_fingerprint,
     read_index,
@@ -42,6 +43,13 @@ def _reference(span: bytes, entry: dict) -> tuple:
 def _views(span: bytes, entry: dict) -> tuple:
     try:
         return ("ok", decode_span(span, entry, QWEN_DIM))
+    except SampleError as err:
+        return ("err", err.reason, str(err))
+
+
+def _owned(span: bytes, entry: dict) -> tuple:
+    try:
+        return ("ok", decode_owned(bytearray(span), entry, QWEN_DIM))
     except SampleError as err:
         return ("err", err.reason, str(err))
 
@@ -175,6 +183,7 @@ def test_view_decoder_matches_the_reference_on_damaged_safetensors_headers(tmp_p
         span = data[entry["span"][0] : entry["span"][1]]
         want = _reference(span, entry)
         _assert_same(_views(span, entry), want, entry["key"])
+        _assert_same(_owned(span, entry), want, entry["key"] + " (decode_owned)")
         reasons.add(want[1] if want[0] == "err" else "ok")
     assert {"ok", "corrupt_member", "bad_shape", "missing_field"} <= reasons, reasons  # the damage reached them all
 
@@ -202,6 +211,7 @@ def test_view_decoder_matches_on_clean_and_non_finite_samples_and_is_private(tmp
             assert (want[0] == "err" and want[1] == "non_finite") == (entry["key"] in poisoned), entry["key"]
             got = _views(span, entry)
             _assert_same(got, want, entry["key"])
+            _assert_same(_owned(span, entry), want, entry["key"] + " (decode_owned)")
             try:
                 local = ("ok", read_sample(f, entry, QWEN_DIM))
             except SampleError as err:
@@ -213,6 +223,24 @@ def test_view_decoder_matches_on_clean_and_non_finite_samples_and_is_private(tmp
                 got[1]["latent"].fill_(0)
                 got[1]["qwen_states"].fill_(0)
                 _assert_same(_views(span, entry), want, entry["key"] + " (after writing to a decoded sample)")
+
+
+def test_decode_owned_views_the_buffer_it_is_given_and_refuses_bytes(tmp_path):
+    rng = random.Random(11)
+    tensors = _sample_tensors(rng)
+    data, entries = _write(tmp_path, [_members(tensors)], [(tensors["qwen_states"].shape[0],
+                                                           tensors["t5_ids"].shape[0])])
+    span = data[entries[0]["span"][0] : entries[0]["span"][1]]
+    buf = bytearray(span)
+    out = decode_owned(buf, entries[0], QWEN_DIM)
+    _assert_same(("ok", out), _reference(span, entries[0]), "decode_owned")
+    start = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+    for name in ("latent", "qwen_states", "t5_ids"):  # no copy: every tensor lies inside the caller's buffer
+        assert start <= out[name].data_ptr() < start + len(buf), name
+    out["latent"].fill_(0)
+    assert buf != span  # the buffer itself was decoded (and written through the view)
+    with pytest.raises(TypeError, match="decode_span for bytes"):
+        decode_owned(span, entries[0], QWEN_DIM)
 
 
 def test_truncated_file_is_the_same_reason_through_read_sample(tmp_path):
