@@ -275,19 +275,29 @@ def verify_checksums(members: dict[str, bytes], checksums: dict[str, str], key: 
 
 
 def _all_finite_bf16(x: torch.Tensor) -> bool:
-    """True when no element is Inf/NaN. A bf16 value is non-finite iff its 8 exponent bits are all set, i.e. its
-    bits read as int16 are >= 0x7F80 (positive Inf/NaN) or read as uint16 are >= 0xFF80 (negative Inf/NaN): two
-    read-only max reductions, no temporary array (this check runs on every sample)."""
+    """True when no element is Inf/NaN (see :func:`_bf16_bits_finite`)."""
     if x.numel() == 0:
         return True
-    bits = x.contiguous().view(torch.int16).numpy().reshape(-1)
-    return int(bits.max()) < 0x7F80 and int(bits.view(np.uint16).max()) < 0xFF80
+    return _bf16_bits_finite(x.contiguous().view(torch.int16).numpy())
+
+
+def _bf16_bits_finite(bits: np.ndarray) -> bool:
+    """True when no bf16 value whose bits ``bits`` holds as int16 is Inf/NaN. A bf16 value is non-finite iff its 8
+    exponent bits are all set, i.e. its bits read as int16 are >= 0x7F80 (positive Inf/NaN) or read as uint16 are
+    >= 0xFF80 (negative Inf/NaN): two read-only max reductions, no temporary array (this check runs on every
+    sample)."""
+    if bits.size == 0:
+        return True
+    flat = bits.reshape(-1)
+    return int(flat.max()) < 0x7F80 and int(flat.view(np.uint16).max()) < 0xFF80
 
 
 # safetensors dtype names that decode to views without the library; any other name takes the library's path
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8,
-              "BOOL": torch.bool}
+# (torch dtype, numpy dtype of the same element bits: bf16 is read as int16 by numpy, which has no bf16)
+_ST_DTYPES = {"BF16": (torch.bfloat16, np.int16), "F16": (torch.float16, np.float16),
+              "F32": (torch.float32, np.float32), "F64": (torch.float64, np.float64), "I8": (torch.int8, np.int8),
+              "I16": (torch.int16, np.int16), "I32": (torch.int32, np.int32), "I64": (torch.int64, np.int64),
+              "U8": (torch.uint8, np.uint8), "BOOL": (torch.bool, np.bool_)}
 _ST_MAX_HEADER = 100_000_000  # the safetensors library's limit on the header size
 _ST_KEYS = {"dtype", "shape", "data_offsets"}
 
@@ -303,24 +313,28 @@ def _no_duplicates(pairs: list) -> dict:
     return out
 
 
-def _safetensors_views(base: torch.Tensor, begin: int, end: int) -> dict[str, torch.Tensor] | None:
-    """The tensors of the safetensors file in bytes ``[begin, end)`` of the uint8 tensor ``base``, as views of it.
+def _safetensors_views(buf: bytearray, arr: np.ndarray, address: int, begin: int,
+                       end: int) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]] | None:
+    """The tensors of the safetensors file in bytes ``[begin, end)`` of ``buf`` (``arr``: ``buf`` as a numpy uint8
+    array; ``address``: where ``buf`` lies in memory), as views of it: ``({name: tensor}, {name: numpy array of
+    the same elements' bits})``.
 
     Returns None, and the caller decodes with the safetensors library instead (which then returns the same tensors or
     raises the error it raises anyway), unless the file has the plain form ``st_save`` writes: a header of ASCII
     JSON without escapes, NaN literals or repeated keys; tensors with exactly dtype / shape / data_offsets, a dtype
     of ``_ST_DTYPES``, at least one element, and data aligned to the element size; data regions back to back from
     0 to the end of the file (the library's own rules). So every accepted file is one the library accepts, decoded
-    to the same dtypes, shapes and values.
+    to the same dtypes, shapes and values. The views are made with numpy and handed to torch once per tensor:
+    each torch call releases the GIL, which in the loader's decode thread is a hand-over to the event loop's thread
+    and back, so there are few of them.
     """
     size = end - begin
     if size < 8:
         return None
-    raw = base[begin : begin + 8].numpy().tobytes()
-    n = int.from_bytes(raw, "little")
+    n = int.from_bytes(buf[begin : begin + 8], "little")
     if n > _ST_MAX_HEADER or 8 + n > size:
         return None
-    header_bytes = base[begin + 8 : begin + 8 + n].numpy().tobytes()
+    header_bytes = bytes(buf[begin + 8 : begin + 8 + n])
     if not header_bytes.startswith(b"{") or not header_bytes.isascii() or b"\\" in header_bytes:
         return None
     try:
@@ -346,20 +360,27 @@ def _safetensors_views(base: torch.Tensor, begin: int, end: int) -> dict[str, to
             return None
         tensors.append((offsets[0], offsets[1], name, dtype, shape, numel))
     tensors.sort(key=lambda t: (t[0], t[1]))
-    data_start, position, out = begin + 8 + n, 0, {}
-    for start, stop, name, dtype, shape, numel in tensors:
+    data_start, position, views = begin + 8 + n, 0, []
+    for start, stop, name, (dtype, np_dtype), shape, numel in tensors:
         itemsize = dtype.itemsize
-        if start != position or stop - start != numel * itemsize or (base.data_ptr() + data_start + start) % itemsize:
+        if start != position or stop - start != numel * itemsize or (address + data_start + start) % itemsize:
             return None
-        out[name] = base[data_start + start : data_start + stop].view(dtype).view(shape)
+        views.append((name, dtype, arr[data_start + start : data_start + stop].view(np_dtype).reshape(shape)))
         position = stop
     if data_start + position != end:
         return None
-    return out
+    out, bits = {}, {}
+    for name, dtype, a in views:
+        tensor = torch.from_numpy(a)
+        out[name], bits[name] = tensor.view(dtype) if dtype == torch.bfloat16 else tensor, a
+    return out, bits
 
 
-def _check_decoded(meta, latent: dict, text: dict, entry: dict, qwen_dim: int) -> dict:
-    """The checks of :func:`decode_members` after decoding; returns the sample dict."""
+def _check_decoded(meta, latent: dict, text: dict, entry: dict, qwen_dim: int,
+                   bits: dict[str, np.ndarray] | None = None) -> dict:
+    """The checks of :func:`decode_members` after decoding; returns the sample dict. ``bits``: numpy arrays of
+    the elements of some of the tensors (same shapes and bits), which the value checks read instead (no torch
+    call)."""
     if not isinstance(meta, dict) or not isinstance(meta.get("caption"), str):
         raise SampleError("missing_field", "json has no string 'caption'")
     for name, store in (("latent", latent), ("qwen_states", text), ("t5_ids", text)):
@@ -375,12 +396,17 @@ def _check_decoded(meta, latent: dict, text: dict, entry: dict, qwen_dim: int) -
     for name, (tensor, shape) in want.items():
         if tuple(tensor.shape) != shape:
             raise SampleError("bad_shape", f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
-    if t5.dtype.is_floating_point or t5.dtype == torch.bool or (t5.numel() and (int(t5.min()) < 0 or int(t5.max()) >= 32128)):
+    bits = bits or {}
+    t5_values = bits.get("t5_ids", t5)
+    if t5.dtype.is_floating_point or t5.dtype == torch.bool or (
+            t5.numel() and (int(t5_values.min()) < 0 or int(t5_values.max()) >= 32128)):
         raise SampleError("bad_value", "t5_ids must be integers in [0, 32128)")
     if lat.dtype != torch.bfloat16 or qwen.dtype != torch.bfloat16 or t5.dtype != torch.int32:
         raise SampleError("bad_shape", f"latent / qwen_states / t5_ids are {lat.dtype} / {qwen.dtype} / {t5.dtype}, "
                           "expected bfloat16 / bfloat16 / int32")
-    if not (_all_finite_bf16(lat) and _all_finite_bf16(qwen)):
+    finite = [_bf16_bits_finite(bits[k]) if k in bits else _all_finite_bf16(x) for k, x in (("latent", lat),
+                                                                                          ("qwen_states", qwen))]
+    if not all(finite):
         raise SampleError("non_finite", "latent or qwen_states holds NaN/Inf")
     return {"latent": lat, "qwen_states": qwen, "t5_ids": t5, "meta": meta}
 
@@ -445,15 +471,20 @@ def decode_owned(buf: bytearray, entry: dict, qwen_dim: int) -> dict:
     missing = [m for m in MEMBERS if m not in ranges]
     if missing:
         raise SampleError("missing_field", f"members {missing} absent")
-    base = torch.frombuffer(buf, dtype=torch.uint8)  # not empty: the three members' tar headers are in it
+    arr = np.frombuffer(buf, dtype=np.uint8)  # not empty: the three members' tar headers are in it
+    address = arr.__array_interface__["data"][0]
     try:
         a, b = ranges["json"]
         meta = json.loads(bytes(buf[a:b]).decode("utf-8"))  # strict: no UTF-16 guess, no encoded surrogates
-        stores = []
+        stores, bits = [], {}
         for suffix in ("latent.safetensors", "text.safetensors"):
             a, b = ranges[suffix]
-            views = _safetensors_views(base, a, b)
-            stores.append(views if views is not None else st_load(bytes(buf[a:b])))
+            views = _safetensors_views(buf, arr, address, a, b)
+            if views is None:
+                stores.append(st_load(bytes(buf[a:b])))
+            else:
+                stores.append(views[0])
+                bits.update(views[1])
     except Exception as err:  # json and safetensors raise many types on garbage
         raise SampleError("corrupt_member", f"cannot decode: {type(err).__name__}: {err}") from err
-    return _check_decoded(meta, stores[0], stores[1], entry, qwen_dim)
+    return _check_decoded(meta, stores[0], stores[1], entry, qwen_dim, bits)
