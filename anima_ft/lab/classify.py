@@ -37,3 +37,29 @@ class DigitClassifier:
     def accuracy(self, images_B_3_H_W: torch.Tensor, labels: list[int]) -> float:
         """Share of images predicted as their label."""
         return float(np.mean(self.predict(images_B_3_H_W) == np.asarray(labels)))
+
+
+def gray_16x16(images_B_3_H_W: torch.Tensor) -> np.ndarray:
+    """Images in ``[-1, 1]`` (H, W multiples of 16) -> float64 ``[B, 256]`` gray maps (-1 = black, 1 = white)."""
+    gray = images_B_3_H_W.double().clamp(-1, 1).mean(dim=1, keepdim=True)
+    return F.adaptive_avg_pool2d(gray, 16).flatten(1).numpy()
+
+
+class StyleClassifier:
+    """Reads (style, digit) from an image: logistic regression over :func:`gray_16x16` with one class per pair
+    (style index 0 = plain, 1.. = the named styles), so a mirrored three and a plain three are told apart by shape.
+    Deterministic (lbfgs, fixed iterations)."""
+
+    def __init__(self, images_B_3_H_W: torch.Tensor, styles: list[int], digits: list[int]):
+        from sklearn.linear_model import LogisticRegression
+
+        if len(styles) != len(digits) or len(styles) != images_B_3_H_W.shape[0]:
+            raise ValueError(f"{images_B_3_H_W.shape[0]} images, {len(styles)} styles, {len(digits)} digits: "
+                             "give one style and one digit per image")
+        pairs = np.asarray(styles) * 10 + np.asarray(digits)
+        self.model = LogisticRegression(max_iter=3000, C=1.0).fit(gray_16x16(images_B_3_H_W), pairs)
+
+    def predict(self, images_B_3_H_W: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``(style index [B], digit [B])`` per image."""
+        pairs = self.model.predict(gray_16x16(images_B_3_H_W))
+        return pairs // 10, pairs % 10

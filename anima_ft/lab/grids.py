@@ -53,10 +53,12 @@ def sample_digits(
     return images.view(len(captions), num_per_caption, *images.shape[1:])
 
 
-def save_grid(images: torch.Tensor, path: str | Path, row_labels: list[str] | None = None, zoom: int = 2) -> Path:
-    """Tile ``[rows, cols, 3, H, W]`` images in ``[-1, 1]`` into one PNG (optional text label left of each row)."""
+def save_grid(images: torch.Tensor, path: str | Path, row_labels: list[str] | None = None, zoom: int = 2,
+              label_width: int = 28) -> Path:
+    """Tile ``[rows, cols, 3, H, W]`` images in ``[-1, 1]`` into one PNG (optional text label, ``label_width``
+    pixels wide, left of each row)."""
     rows, cols, _, H, W = images.shape
-    label_w = 28 if row_labels else 0
+    label_w = label_width if row_labels else 0
     pad = 2
     canvas = Image.new("RGB", (label_w + cols * (W * zoom + pad) + pad, rows * (H * zoom + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)

@@ -37,14 +37,28 @@ PROGRESS_EVERY_S = 10.0  # a training run logs its step and ETA at least this of
 DIT_KINDS = ("self_attn", "cross_attn", "mlp", "mod", "base")  # the DiT's LR groups (anima_ft.model.groups)
 
 
-def build_text_encoder(seed: int):
-    """The lab's tiny text stack as a ``TextEncoder`` (deterministic for ``seed``)."""
-    return text_stack.build_text_encoder(caption_vocabulary(), hidden_size=TEXT_WIDTH, seed=seed)
+def build_text_encoder(seed: int, words: list[str] | None = None):
+    """The lab's tiny text stack as a ``TextEncoder`` over ``words`` (default: the plain caption vocabulary;
+    deterministic for ``seed``)."""
+    return text_stack.build_text_encoder(words or caption_vocabulary(), hidden_size=TEXT_WIDTH, seed=seed)
 
 
-def prepare_data(data_dir: Path, data_settings: dict) -> dict:
-    """Images -> codec -> shards for the four splits; reuses them when ``settings.json`` holds the same settings
-    and every shard's encoder fingerprint equals the saved codec's plus this text stack's.
+def default_splits(data_settings: dict) -> dict:
+    """The default lab's four splits (:data:`SPLITS`) for ``data_settings``."""
+    return load_digit_splits(tuple(data_settings["target_classes"]), data_settings["probe_per_class"],
+                             data_settings["image_size"], data_settings["seed"], data_settings["max_train_per_class"])
+
+
+def prepare_data(data_dir: Path, data_settings: dict, splits: tuple[str, ...] = SPLITS,
+                 make_splits=default_splits, words: list[str] | None = None,
+                 key_folders: dict[str, str] | None = None) -> dict:
+    """Images -> codec -> shards for the ``splits`` that ``make_splits(data_settings)`` returns (the codec is fitted
+    on the ``*_train`` splits; the text stack covers ``words``); reuses them when ``settings.json`` holds the same
+    settings and every shard's encoder fingerprint equals the saved codec's plus this text stack's.
+
+    Sample keys in the shards are ``<image folder name>-<unit>_<index>`` (``anima-ft prepare``); a split named in
+    ``key_folders`` writes its images to ``images/<split>/<key_folders[split]>``, so two splits given the same
+    folder name and the same file names get the same keys, and the probe draws the same noises for them.
 
     Returns ``{"counts": {split: n}, "reused": bool, "codec": fingerprint, "seconds": s}``.
     """
@@ -55,9 +69,9 @@ def prepare_data(data_dir: Path, data_settings: dict) -> dict:
     settings_path = data_dir / "settings.json"
     codec_path = data_dir / "codec.safetensors"
     data_settings = {**data_settings, "lab_data_version": LAB_DATA_VERSION}
-    text = build_text_encoder(data_settings["seed"])
+    text = build_text_encoder(data_settings["seed"], words)
     done = settings_path.exists() and json.loads(settings_path.read_text()).get("settings") == data_settings
-    if done and codec_path.exists() and all((data_dir / "shards" / s / "prepare_summary.json").exists() for s in SPLITS):
+    if done and codec_path.exists() and all((data_dir / "shards" / s / "prepare_summary.json").exists() for s in splits):
         want = fingerprint_hash(make_fingerprint(PCAPatchCodec.load(codec_path).fingerprint(), text.fingerprint()))
         found = {read_index(t)["fingerprint_hash"] for t in (data_dir / "shards").glob("*/*.tar")}
         if found == {want}:
@@ -67,27 +81,55 @@ def prepare_data(data_dir: Path, data_settings: dict) -> dict:
     if data_dir.exists():
         logger.info("data settings changed (or data incomplete): re-preparing %s", data_dir)
         shutil.rmtree(data_dir)
-    splits = load_digit_splits(tuple(data_settings["target_classes"]), data_settings["probe_per_class"],
-                               data_settings["image_size"], data_settings["seed"],
-                               data_settings["max_train_per_class"])
-    train_images = [s.image for name in ("target_train", "replay_train") for s in splits[name]]
+    samples = make_splits(data_settings)
+    train_images = [s.image for name in splits if name.endswith("_train") for s in samples[name]]
     codec = PCAPatchCodec.fit(torch.from_numpy(pixels_from_images(train_images)),
                               normalize=data_settings.get("codec_normalize", "channel"))
     data_dir.mkdir(parents=True, exist_ok=True)
     codec.save(codec_path)
     counts = {}
-    for name in SPLITS:
-        folder = write_image_folder(splits[name], data_dir / "images" / name)
+    for name in splits:
+        folder = data_dir / "images" / name / (key_folders or {}).get(name, "")
+        write_image_folder(samples[name], folder)
         cfg = PrepareConfig(out_dir=str(data_dir / "shards" / name), bucket_area=data_settings["image_size"] ** 2,
                             shard_size=4096, batch_size=64, source_name=name.split("_")[0], progress=False)
         summary = prepare_shards([str(folder)], codec, text, cfg)
-        if summary["samples"] != len(splits[name]):
-            raise RuntimeError(f"prepare wrote {summary['samples']} of {len(splits[name])} {name} samples "
+        if summary["samples"] != len(samples[name]):
+            raise RuntimeError(f"prepare wrote {summary['samples']} of {len(samples[name])} {name} samples "
                                f"(skipped: {summary['counts']}); see {cfg.out_dir}/prepare_summary.json")
         counts[name] = summary["samples"]
     result = {"counts": counts, "codec": codec.fingerprint()}
     settings_path.write_text(json.dumps({"settings": data_settings, "result": result}, indent=1))
     return {**result, "reused": False, "seconds": time.perf_counter() - t0}
+
+
+def stage_overrides(config: Path, total: int) -> list[str]:
+    """Dotlist setting the recipe's stage lengths to sum to ``total`` (stages split evenly, the last takes the rest)."""
+    from anima_ft.config import load_config
+
+    n = len(load_config(config).stages)
+    if n == 0:
+        return [f"num_steps={total}"]
+    each = total // n
+    out = [f"stages.{i}.num_steps={each}" for i in range(n - 1)]
+    return out + [f"stages.{n - 1}.num_steps={total - each * (n - 1)}"]
+
+
+SOURCE_SHARDS = {"target": "target_train", "replay": "replay_train", "preserve": "replay_train"}
+"""The default lab's split per recipe data-source name."""
+
+
+def source_overrides(config: Path, shards: dict[str, Path], names: dict[str, str] = SOURCE_SHARDS) -> list[str]:
+    """Dotlist pointing each data source of the recipe at its lab shards (``names``: source name -> split)."""
+    from anima_ft.config import load_config
+
+    out = []
+    for i, src in enumerate(load_config(config).data.sources):
+        if src.name not in names:
+            raise ValueError(f"{config}: data.sources.{i}.name={src.name!r}; the lab has shards for "
+                             f"{sorted(names)}")
+        out.append(f"data.sources.{i}.shards=[{shards[names[src.name]]}]")
+    return out
 
 
 def cpu_seconds() -> float:

@@ -80,6 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-distill", action="store_true",
                     help="with --full: skip the redistribution variant (distill the base into its DiT with a "
                          "re-initialized adapter, anima_ft/distill) that --full otherwise runs after the fine-tunes")
+    ap.add_argument("--no-concepts", action="store_true",
+                    help="with --full: skip Question 2 (a DiT-first base, named styles learned jointly, adapter-swap "
+                         "attribution; anima_ft/lab/concepts.py) that --full otherwise runs last")
     ap.add_argument("--distill-recipe", type=Path, default=pipeline.REPO_ROOT / "configs" / "lab" / "redistribute.yaml",
                     help="recipe of the redistribution variant (with --reuse-runs, a changed recipe reruns only this "
                          "variant)")
@@ -87,18 +90,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="skip training runs whose directory holds a finished run of the same command (for iterating "
                          "on the report); off by default: every run trains afresh")
     return ap.parse_args(argv)
-
-
-def stage_overrides(config: Path, total: int) -> list[str]:
-    """Dotlist setting the recipe's stage lengths to sum to ``total`` (stages split evenly, the last takes the rest)."""
-    from anima_ft.config import load_config
-
-    n = len(load_config(config).stages)
-    if n == 0:
-        return [f"num_steps={total}"]
-    each = total // n
-    out = [f"stages.{i}.num_steps={each}" for i in range(n - 1)]
-    return out + [f"stages.{n - 1}.num_steps={total - each * (n - 1)}"]
 
 
 def variant_from_probe(name: str, description: str, probe_path: Path) -> VariantResult:
@@ -143,8 +134,8 @@ def train_base(args: argparse.Namespace, out: Path, preset: dict, shards: dict[s
     """The base model on all classes (source weights = their shares of the training images) -> base.safetensors."""
     config = args.configs / "pretrain.yaml"
     total = counts["target_train"] + counts["replay_train"]
-    overrides = [*source_overrides(config, shards), f"run.seed={args.seed}",
-                 *stage_overrides(config, preset["pretrain_steps"]),
+    overrides = [*pipeline.source_overrides(config, shards), f"run.seed={args.seed}",
+                 *pipeline.stage_overrides(config, preset["pretrain_steps"]),
                  f"data.sources.0.weight={counts['target_train'] / total}",
                  f"data.sources.1.weight={counts['replay_train'] / total}"]
     if args.quick:
@@ -153,30 +144,14 @@ def train_base(args: argparse.Namespace, out: Path, preset: dict, shards: dict[s
                                     args.reuse_runs, preset["pretrain_steps"])
 
 
-SOURCE_SHARDS = {"target": "target_train", "replay": "replay_train", "preserve": "replay_train"}
-
-
-def source_overrides(config: Path, shards: dict[str, Path]) -> list[str]:
-    """Dotlist pointing each data source of the recipe at its lab shards (by source name, :data:`SOURCE_SHARDS`)."""
-    from anima_ft.config import load_config
-
-    out = []
-    for i, src in enumerate(load_config(config).data.sources):
-        if src.name not in SOURCE_SHARDS:
-            raise ValueError(f"{config}: data.sources.{i}.name={src.name!r}; the lab has shards for "
-                             f"{sorted(SOURCE_SHARDS)}")
-        out.append(f"data.sources.{i}.shards=[{shards[SOURCE_SHARDS[src.name]]}]")
-    return out
-
-
 def from_base_overrides(args: argparse.Namespace, out: Path, preset: dict, shards: dict[str, Path],
                         config: Path, seed_offset: int = 0) -> list[str]:
     """Dotlist of a run that starts from the base model: shard paths, seeds, init path, probe interval, steps.
 
     ``seed_offset`` changes the training seed only; the probe (``eval.seed``) stays, so runs stay paired."""
-    return [*source_overrides(config, shards), f"run.seed={args.seed + seed_offset}",
+    return [*pipeline.source_overrides(config, shards), f"run.seed={args.seed + seed_offset}",
             f"model.init_path={out / 'base.safetensors'}", f"eval.probe_every_steps={preset['probe_every']}",
-            f"eval.seed={args.seed}", *stage_overrides(config, preset["finetune_steps"])]
+            f"eval.seed={args.seed}", *pipeline.stage_overrides(config, preset["finetune_steps"])]
 
 
 def run_redistribution(args: argparse.Namespace, out: Path, preset: dict, shards: dict[str, Path],
@@ -317,6 +292,17 @@ def main(argv: list[str]) -> int:
             logger.error("the redistribution variant failed: %s", err)
             failed["redistribute"] = str(err)
 
+    concepts_md = None
+    if args.full and not args.no_concepts:
+        logger.info("phase Question 2 (--full): where does a new concept's knowledge go?")
+        from anima_ft.lab.concepts import run_question2
+
+        try:
+            concepts_md = run_question2(args, out, preset, timings, cpu, GUIDANCE)
+        except RuntimeError as err:
+            logger.error("Question 2 failed: %s", err)
+            failed["question 2"] = str(err)
+
     by_name = {v.name: v for v in results}
     q1 = None
     if all(n in by_name for n in (*compare.Q1_VARIANTS, FLOOR)):
@@ -346,6 +332,10 @@ def main(argv: list[str]) -> int:
         body = Path(redistribution).read_text().replace("\n# ", "\n## ").removeprefix("# ")
         with open(report, "a") as fh:
             fh.write(f"\n## {body}\n(From `{Path(redistribution).relative_to(out)}`.)\n")
+    if concepts_md is not None:
+        body = Path(concepts_md).read_text().replace("\n## ", "\n### ").removeprefix("# ")
+        with open(report, "a") as fh:
+            fh.write(f"\n## {body}\n(From `{Path(concepts_md).relative_to(out)}`.)\n")
     logger.info("wrote %s (%.0f s in all; load average now %.2f %.2f %.2f)", report, timings["total"],
                 *os.getloadavg())
     print(f"report: {report}")

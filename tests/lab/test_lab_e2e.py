@@ -1,5 +1,6 @@
 """End to end: ``anima-ft lab --quick --full`` (prepare, deepspeed with 2 CPU ranks and ZeRO-2, probe, export, drift,
-grids, the replay / preservation comparison, the redistribution variant through the same trainer, report), then every
+grids, the replay / preservation comparison, the redistribution variant through the same trainer, Question 2's
+runs and attribution, report), then every
 number of report.md is checked against the run's own files, recomputed here; a second run reuses the prepared shards
 and reproduces the base model and the probe bit for bit."""
 
@@ -279,5 +280,86 @@ def test_every_phase_and_training_run_logs_progress(lab_dir):
     stderr = (lab_dir / "lab_stderr.txt").read_text()
     for run in ("pretrain", *(f"ft_{v}" for v in VARIANTS), "ft_redistribute"):
         assert re.search(rf"{run}: (starting|step \d+/\d+ \(\d+%\), [\d.]+ steps/s, ETA)", stderr), run
-    for phase in ("prepare", "base model", "fine-tunes", "drift", "sample grids", "redistribution variant"):
+    for phase in ("prepare", "base model", "fine-tunes", "drift", "sample grids", "redistribution variant",
+                  "Question 2"):
         assert f"phase {phase}" in stderr
+    for run in ("dit_first", "ft_joint", "ft_joint_seed1", "ft_adapter_frozen_first", "ft_redistributed"):
+        assert re.search(rf"{run}: (starting|step \d+/\d+ \(\d+%\), [\d.]+ steps/s, ETA)", stderr), run
+
+
+def test_q2_section_matches_the_runs_and_their_exports(lab_dir):
+    """Question 2: recipes as documented, the redistribution student's adapter is the base's bitwise, every probe
+    loss recomputed here from the exports, the summary recomputed from those, the section printed from it, the
+    trainers' own first/last probes agree, and the sample table equals samples.csv."""
+    from anima_ft.config import load_config
+    from anima_ft.eval.eval_sets import load_shard_eval_set
+    from anima_ft.lab import concept_report, concept_share, concepts
+
+    q2 = lab_dir / "q2"
+    result = json.loads((q2 / "concepts.json").read_text())
+    cfgs = {name: load_config(q2 / path) for name, path in result["configs"].items()}
+    base_cfg = cfgs[concepts.BASE]
+    assert base_cfg.optim.lr.llm_adapter == 0 and not base_cfg.model.init_path
+    assert base_cfg.optim.lr.cross_attn > 0
+    for name in (*concepts.RUNS, concepts.REDISTRIBUTED):
+        assert "launch/train.py" in (q2 / f"ft_{name}" / "command.txt").read_text()
+    joint = cfgs["joint"]
+    assert joint.model.init_path == str(q2 / "dit_first.safetensors") and joint.optim.lr.llm_adapter > 0
+    assert [s.name for s in joint.data.sources] == ["styled", "plain"]
+    ff = cfgs["adapter_frozen_first"]
+    assert ff.stages[0].lr.llm_adapter == 0 and len(ff.stages) == 2
+    assert cfgs["joint_seed1"].run.seed == joint.run.seed + 1
+    red = cfgs[concepts.REDISTRIBUTED]
+    assert red.distill.enabled and red.distill.adapter_source == "own" and red.optim.lr.llm_adapter == 0
+    assert red.distill.teacher_path == str(q2 / "joint.safetensors")
+    assert red.model.init_path == str(q2 / concepts.START)
+    # the student starts from the joint DiT with the base adapter, and its adapter never moves
+    files = {n: load_file(str(q2 / f"{n}.safetensors")) for n in (concepts.BASE, "joint", concepts.REDISTRIBUTED)}
+    start = load_file(str(q2 / concepts.START))
+    for k, v in start.items():
+        src = concepts.BASE if k.startswith("net.llm_adapter.") else "joint"
+        assert torch.equal(v, files[src][k]), k
+        if k.startswith("net.llm_adapter."):
+            assert torch.equal(files[concepts.REDISTRIBUTED][k], v), k
+    assert any(not torch.equal(files["joint"][k], files[concepts.BASE][k]) for k in start if "llm_adapter" in k)
+    assert result["probe"]["adapter_identical"] is True
+    # every probe loss, recomputed from the exports
+    shards = q2 / "data" / "shards"
+    probes = {s: load_shard_eval_set(shards / f"{s}_probe", s) for s in concept_share.SETS}
+    exports = {n: q2 / f"{n}.safetensors" for n in (concepts.BASE, *concepts.RUNS, concepts.REDISTRIBUTED)}
+    pr = result["probe"]
+    pairs = [tuple(k.split("|")) for k in pr["losses"] if k not in pr["filled"]]
+    again = concept_share.probe_pairs(exports, pairs, probes, pr["sigmas"], pr["num_noises"], pr["seed"])
+    for key, per in again.items():
+        for s in concept_share.SETS:
+            assert _close(pr["losses"][key][s], per[s], 1e-12), (key, s)
+    for dst, src in pr["filled"].items():
+        assert pr["losses"][dst] == pr["losses"][src]
+    summary = concept_share.summarize(pr["losses"], concepts.BASE, [*concepts.RUNS, concepts.REDISTRIBUTED],
+                                      concepts.FLOOR, concepts.REDISTRIBUTED, seed=result["settings"]["seed"])
+    assert json.loads(json.dumps(summary)) == result["summary"]
+    md = (q2 / "concepts.md").read_text()
+    concept_report.write_markdown(result, q2)
+    assert (q2 / "concepts.md").read_text() == md
+    section = (lab_dir / "report.md").read_text().split("\n## Question 2: where does a new concept's knowledge go?", 1)[1]
+    for line in md.splitlines():
+        if line.startswith("| ") or line.startswith("- "):
+            assert line in section, line
+    # the trainers' own probes: step 0 = the base (same weights, sigmas, noises), last step = the export up to bf16
+    for name in (*concepts.RUNS, concepts.REDISTRIBUTED):
+        lines = _probe_lines(q2, name)
+        steps = sum(st.num_steps for st in cfgs[name].stages)
+        assert [rec["step"] for rec in lines] == [0, steps]
+        first = [_mean(row) for row in lines[0]["per_image"]["styled"]]
+        last = [_mean(row) for row in lines[-1]["per_image"]["styled"]]
+        start_key = f"{concepts.BASE}|{concepts.BASE}" if name != concepts.REDISTRIBUTED else f"joint|{concepts.BASE}"
+        assert _close(first, pr["losses"][start_key]["styled"], 1e-9), name
+        assert _close(last, pr["losses"][f"{name}|{name}"]["styled"], 5e-3), name
+    # samples
+    with open(q2 / "grids" / "samples.csv", newline="") as fh:
+        rows = {r["checkpoint"]: r for r in csv.DictReader(fh)}
+    assert rows.keys() == result["samples"]["accuracy"].keys()
+    for label, acc in result["samples"]["accuracy"].items():
+        assert float(rows[label]["style_accuracy"]) == acc["style"] and int(rows[label]["num_samples"]) == acc["n"]
+    for path in result["samples"]["grids"].values():
+        assert Path(path).is_file()
