@@ -124,6 +124,43 @@ def test_http_range_is_a_private_bytearray_of_the_exact_bytes(blob_server):
     assert blob_server.gets == len(ranges)
 
 
+def test_flow_control_is_lifted_for_the_body(blob_server, monkeypatch):
+    """aiohttp pauses the socket whenever more than twice its 64 KiB read buffer waits unread; ``_http_range``
+    lifts that limit for its one body (as aiohttp's ``read()`` does), so a 3 MB body that arrives while the event
+    loop is busy elsewhere never pauses the transport. Both cases read late (the first ``readany`` waits 0.3 s)."""
+    import asyncio
+
+    from aiohttp.client_proto import ResponseHandler
+    from aiohttp.streams import StreamReader
+    from fsspec.asyn import sync
+
+    pauses, late = [], set()
+    real_pause, real_readany = ResponseHandler.pause_reading, StreamReader.readany
+
+    async def late_readany(self):
+        if id(self) not in late:
+            late.add(id(self))
+            await asyncio.sleep(0.3)
+        return await real_readany(self)
+
+    monkeypatch.setattr(ResponseHandler, "pause_reading", lambda self: pauses.append(1) or real_pause(self))
+    monkeypatch.setattr(StreamReader, "readany", late_readany)
+    store = ObjectStore(RemoteConfig(**FAST))
+    url = f"{blob_server.url}/blob"
+    fs, _ = store.filesystem(url)
+
+    async def default_limits():
+        session = await fs.set_session()
+        async with session.get(url, headers={"Range": f"bytes=0-{len(BLOB) - 1}"}) as r:
+            return len(await r.content.readany())
+
+    sync(fs.loop, default_limits)
+    assert pauses, "the control case pauses: aiohttp's default limit is in force without the lift"
+    pauses.clear()
+    assert _get(store, url, 0, len(BLOB)) == BLOB
+    assert not pauses
+
+
 @pytest.mark.parametrize("mode", ["ignore_range", "short"])
 def test_a_wrong_length_body_is_a_counted_short_read_retry(blob_server, mode):
     store = ObjectStore(RemoteConfig(**FAST))
