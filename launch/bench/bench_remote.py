@@ -321,8 +321,10 @@ def main() -> None:
             latency = measured_latency_ms(store, spans[0])
             plain, loads = [], []
             n = args.samples // args.micro_batch * args.micro_batch
+            # older anima_ft (A/B runs of this script with PYTHONPATH set to a checkout of it) has only fsspec's
+            clients = [c for c in PLAIN_CLIENTS if c != "store" or hasattr(store, "range_coroutine")]
             for _ in range(args.repeat):
-                for client in PLAIN_CLIENTS:  # the denominator is the faster of the two clients
+                for client in clients:  # the denominator is the faster of the two clients
                     got, s, cpu_s = plain_gets(store, spans, args.pool, client)
                     plain.append((got / s, client, cpu_s / len(spans)))
                 load_s, rss_mb, io, cpu_s, threads = loader_run(source, cfg, args.samples, args.micro_batch)
@@ -351,7 +353,9 @@ def main() -> None:
         "rounds_loader_cpu_ms_per_sample_by_thread": [r[5] for r in loads],
         "curl_parallel_MBps": None if curl_rate is None else round(curl_rate / 1e6, 1),
         "pool_memory_bound_MB": round(args.pool * span_bytes / 1e6, 1), "peak_rss_growth_MB": round(rss_mb, 1),
-        "io": io, "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}))
+        "io": io, "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "anima_ft": str(Path(sources.__file__).parents[2])}))
 
 
 if __name__ == "__main__":
