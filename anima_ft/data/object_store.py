@@ -15,7 +15,8 @@ failed HTTP request is seen, retried and counted here exactly once.
 
 Ranged reads on asynchronous filesystems (s3fs, gcsfs, HTTP) can be started without a thread per request
 (:meth:`ObjectStore.submit_ranges`): each request and its retries run as one coroutine on the filesystem's event
-loop, and the caller gets a ``concurrent.futures.Future``. A request that still fails is a
+loop, and the caller gets a ``concurrent.futures.Future`` (on HTTP filesystems, of a ``bytearray`` that nothing else
+holds, which the sample decoder uses in place: :meth:`ObjectStore.range_coroutine`). A request that still fails is a
 :class:`RemoteReadError`; a bucket (or host) whose requests fail ``unreachable_after_failures`` times in a row,
 with no success in between, is :class:`StorageUnreachable` (a ``RuntimeError`` naming it).
 
