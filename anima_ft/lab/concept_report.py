@@ -112,13 +112,16 @@ def write_markdown(result: dict, q2_dir: Path) -> Path:
         "## What it says", "",
         *comparison_lines(summary), "",
         "## In the samples", "",
-        "Samples for `a handwritten digit <word> by <style>`, read by a logistic-regression classifier of "
-        "(style, digit) fitted on the training images; rows of the grids are the styles, columns the digits.", "",
-        "| checkpoint | style read as prompted | digit read as prompted | samples |", "|---|---|---|---|",
+        "Samples for `a handwritten digit <word> by <style>` (styled prompts) and `a handwritten digit <word>` "
+        "(plain prompts), read by a logistic-regression classifier of (style, digit) fitted on the training "
+        "images; rows of the grids are plain + the styles, columns the digits.", "",
+        "| checkpoint | styled prompts: style read as prompted | styled prompts: digit read as prompted | "
+        "samples | plain prompts: digit read as prompted | samples |", "|---|---|---|---|---|---|",
     ]
     for label, r in result["samples"]["accuracy"].items():
+        plain = "-" if r["plain_digit"] is None else pct(r["plain_digit"], binomial_se(r["plain_digit"], r["n_plain"]))
         lines.append(f"| {label} | {pct(r['style'], binomial_se(r['style'], r['n']))} | "
-                     f"{pct(r['digit'], binomial_se(r['digit'], r['n']))} | {r['n']} |")
+                     f"{pct(r['digit'], binomial_se(r['digit'], r['n']))} | {r['n']} | {plain} | {r['n_plain']} |")
     lines.append("")
     for label, path in result["samples"]["grids"].items():
         lines.append(f"![{label}]({Path(path).relative_to(q2_dir.parent)})")  # as seen from report.md

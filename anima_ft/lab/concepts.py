@@ -62,12 +62,12 @@ def train_runs(args, q2: Path, preset: dict, shards: dict[str, Path], timings: d
     exports = {BASE: q2 / f"{BASE}.safetensors"}
     config = args.configs / "q2_dit_first.yaml"
     over = [*pipeline.source_overrides(config, shards, SOURCES), f"run.seed={args.seed}",
-            *pipeline.stage_overrides(config, preset["pretrain_steps"])]
+            *pipeline.stage_overrides(config, preset["q2_pretrain_steps"])]
     if args.quick:
         over.append("stages.0.warmup_steps=5")
-    logger.info("Q2: the DiT-first base, %d steps on plain digits, adapter frozen", preset["pretrain_steps"])
+    logger.info("Q2: the DiT-first base, %d steps on plain digits, adapter frozen", preset["q2_pretrain_steps"])
     timings["Q2 DiT-first base (deepspeed)"] = pipeline.launch_training(
-        config, q2 / BASE, over, args.nproc, {}, exports[BASE], args.reuse_runs, preset["pretrain_steps"])
+        config, q2 / BASE, over, args.nproc, {}, exports[BASE], args.reuse_runs, preset["q2_pretrain_steps"])
     steps = preset["finetune_steps"]
     probe = {"styled": shards["styled_probe"]}  # in training: probed at the first and the last step
 
@@ -122,9 +122,11 @@ def probe_all(exports: dict[str, Path], shards: dict[str, Path], eval_cfg) -> di
 
 def score_samples(exports: dict[str, Path], data_dir: Path, out_dir: Path, seed: int, per_prompt: int,
                   num_steps: int, guidance: float) -> dict:
-    """Samples for ``"a handwritten digit <word> by <style>"`` (4 styles x 10 digits x ``per_prompt``) from every
-    pair of :data:`SAMPLED`, read by a :class:`anima_ft.lab.classify.StyleClassifier` fitted on the training
-    images; grids (rows: styles, columns: digits) in ``out_dir``; ``samples.csv`` holds every number."""
+    """Samples for ``"a handwritten digit <word>"`` and ``"... by <style>"`` (10 digits x (1 + 4 styles) x
+    ``per_prompt``) from every pair of :data:`SAMPLED`, read by a :class:`anima_ft.lab.classify.StyleClassifier`
+    fitted on the training images: the style and the digit of the styled prompts' samples, the digit of the plain
+    prompts' samples. Grids (rows: plain + styles, columns: digits) in ``out_dir``; ``samples.csv`` holds every
+    number."""
     from anima_ft.eval.swap import load_combination
     from anima_ft.lab.classify import StyleClassifier
     from anima_ft.lab.codec import PCAPatchCodec
@@ -143,32 +145,41 @@ def score_samples(exports: dict[str, Path], data_dir: Path, out_dir: Path, seed:
     classifier = StyleClassifier(torch.cat([t[0] for t in train]), train[0][1] + train[1][1], train[0][2] + train[1][2])
     codec = PCAPatchCodec.load(data_dir / "codec.safetensors")
     text = pipeline.build_text_encoder(seed, styles.style_vocabulary())
-    want_style = np.repeat(np.arange(1, len(styles.STYLES) + 1), 10 * per_prompt)
-    want_digit = np.tile(np.repeat(np.arange(10), per_prompt), len(styles.STYLES))
+    n_styles = len(styles.STYLES)
+    # rows 0..9: the plain captions, then 10 per style; every row is sampled from the same noises
+    want_style = np.repeat(np.arange(n_styles + 1), 10 * per_prompt)
+    want_digit = np.tile(np.repeat(np.arange(10), per_prompt), n_styles + 1)
+    styled = want_style > 0
     real, real_style, real_digit = labelled("styled_probe")
     real = codec.decode(codec.encode(real)).clamp(-1, 1)
-    rows = [("real held-out styled images (codec round trip)", real, np.asarray(real_style), np.asarray(real_digit))]
-    captions = [styles.tagged(caption_for(c, 0), s) for s in styles.STYLE_NAMES for c in range(10)]
+    captions = [caption_for(c, 0) for c in range(10)]
+    captions += [styles.tagged(caption_for(c, 0), s) for s in styles.STYLE_NAMES for c in range(10)]
+    result = {}
+    got_style, got_digit = classifier.predict(real)
+    result["real held-out styled images (codec round trip)"] = {
+        "style": float(np.mean(got_style == np.asarray(real_style))),
+        "digit": float(np.mean(got_digit == np.asarray(real_digit))), "n": len(real_style),
+        "plain_digit": None, "n_plain": 0}
     grids = {}
     for i, (label, (d, a)) in enumerate(SAMPLED.items()):
         logger.info("Q2 samples: %s (%d of %d)", label, i + 1, len(SAMPLED))
         model = load_combination(exports[d], exports[a], dtype=torch.float32)
         images = sample_digits(model, text, codec, captions, per_prompt, real.shape[-1] // codec.patch, seed=seed,
-                               num_steps=num_steps, guidance_scale=guidance)  # [40, n, 3, H, W]
-        rows.append((label, images.flatten(0, 1), want_style, want_digit))
+                               num_steps=num_steps, guidance_scale=guidance)  # [50, n, 3, H, W]
+        got_style, got_digit = classifier.predict(images.flatten(0, 1))
+        result[label] = {"style": float(np.mean(got_style[styled] == want_style[styled])),
+                         "digit": float(np.mean(got_digit[styled] == want_digit[styled])), "n": int(styled.sum()),
+                         "plain_digit": float(np.mean(got_digit[~styled] == want_digit[~styled])),
+                         "n_plain": int((~styled).sum())}
         path = out_dir / f"{label.replace(' ', '_').replace('+', 'with')}.png"
-        grids[label] = str(save_grid(images[:, 0].reshape(len(styles.STYLES), 10, *images.shape[2:]), path,
-                                     list(styles.STYLE_NAMES), label_width=56))
-    result = {}
-    for label, images, style, digit in rows:
-        got_style, got_digit = classifier.predict(images)
-        result[label] = {"style": float(np.mean(got_style == style)), "digit": float(np.mean(got_digit == digit)),
-                         "n": int(len(style))}
+        grids[label] = str(save_grid(images[:, 0].reshape(n_styles + 1, 10, *images.shape[2:]), path,
+                                     ["plain", *styles.STYLE_NAMES], label_width=56))
     with open(out_dir / "samples.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["checkpoint", "style_accuracy", "digit_accuracy", "num_samples"])
+        w.writerow(["checkpoint", "style_accuracy", "digit_accuracy", "num_samples", "plain_digit_accuracy",
+                    "num_plain_samples"])
         for label, r in result.items():
-            w.writerow([label, repr(r["style"]), repr(r["digit"]), r["n"]])
+            w.writerow([label, repr(r["style"]), repr(r["digit"]), r["n"], repr(r["plain_digit"]), r["n_plain"]])
     return {"accuracy": result, "grids": grids}
 
 
@@ -201,7 +212,7 @@ def run_question2(args, out: Path, preset: dict, timings: dict, cpu: dict, guida
                             preset["grid_steps"], guidance)
     timings["Q2 samples"] = time.perf_counter() - t0
     result = {"probe": probed, "summary": summary, "samples": samples, "counts": data["counts"],
-              "settings": {**settings, "pretrain_steps": preset["pretrain_steps"],
+              "settings": {**settings, "pretrain_steps": preset["q2_pretrain_steps"],
                            "finetune_steps": preset["finetune_steps"]},
               "configs": {BASE: f"{BASE}/config.yaml", **{m: f"ft_{m}/config.yaml" for m in [*RUNS, REDISTRIBUTED]}}}
     (q2 / "concepts.json").write_text(json.dumps(result, indent=1))

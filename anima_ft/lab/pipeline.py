@@ -185,6 +185,28 @@ def wait_with_progress(proc: subprocess.Popen, run_dir: Path, num_steps: int, t0
             last_print = now
 
 
+def input_fingerprints(args: list[str]) -> dict[str, str]:
+    """``{path: fingerprint}`` of every ``key=value`` argument whose value (or list item) is an existing path: a
+    file's sha256, a directory's listing (name, size, mtime). A reused run must have read the same inputs: the same
+    init checkpoint, teacher and shards."""
+    import hashlib
+    import re
+
+    out = {}
+    for arg in args:
+        value = arg.split("=", 1)[1] if "=" in arg else ""
+        for token in re.split(r"[\s\[\]{},'\"]+", value):  # list items and {name: x, path: y} records
+            path = Path(token)
+            if "/" not in token or not path.exists():
+                continue
+            if path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                out[str(path)] = json.dumps(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                                   for f in path.iterdir() if f.is_file()))
+    return out
+
+
 def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: int, probe_sets: dict[str, Path],
                     export_path: Path, reuse: bool = False, num_steps: int = 0) -> float | None:
     """``deepspeed --num_gpus nproc launch/train.py --config CONFIG ...`` into a fresh ``run_dir``, then
@@ -193,7 +215,8 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
 
     ``probe_sets`` become the trainer's probe sets (``eval.sets``): the trainer probes them at step 0 and every
     ``eval.probe_every_steps`` steps and writes every image's losses to ``run_dir/probe.jsonl``.
-    ``reuse=True`` skips the run (returns None) when ``run_dir/done.json`` records the same command and recipe text.
+    ``reuse=True`` skips the run (returns None) when ``run_dir/done.json`` records the same command, recipe text and
+    input files (:func:`input_fingerprints`).
 
     The launcher's output goes to ``run_dir/train.log``; a failed run raises RuntimeError with the log's tail.
     While it trains, a progress line (step of ``num_steps``, steps/s, ETA; read from ``metrics.jsonl``) is logged at
@@ -205,7 +228,8 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
         sets = ", ".join(f"{{name: {name}, path: '{path}'}}" for name, path in probe_sets.items())
         args.append(f"eval.sets=[{sets}]")
     args += [f"run.dir={run_dir}", "checkpoint.resume=none", *overrides]
-    record = json.dumps({"nproc": nproc, "args": args, "config_text": Path(config).read_text()}, indent=1)
+    record = json.dumps({"nproc": nproc, "args": args, "config_text": Path(config).read_text(),
+                         "inputs": input_fingerprints(args)}, indent=1)
     done = run_dir / "done.json"
     if reuse and done.exists() and done.read_text() == record and export_path.exists():
         logger.info("reusing finished run %s (same command and recipe)", run_dir)

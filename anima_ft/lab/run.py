@@ -54,10 +54,10 @@ HELD_OUT, TARGET = "replay_classes", "target_classes"
 # codec_normalize: PCAPatchCodec.fit's normalize; "global" read worse in docs/lab.md's measurements
 DEFAULT = {"pretrain_steps": 250, "finetune_steps": 150, "probe_every": 50, "probe_per_class": 6,
            "max_train_per_class": 0, "grid_per_class": 4, "scored_per_class": 10, "grid_steps": 16,
-           "codec_normalize": "channel"}
+           "codec_normalize": "channel", "q2_pretrain_steps": 400}
 QUICK = {"pretrain_steps": 60, "finetune_steps": 20, "probe_every": 10, "probe_per_class": 3,
          "max_train_per_class": 40, "grid_per_class": 2, "scored_per_class": 3, "grid_steps": 6,
-         "codec_normalize": "channel"}
+         "codec_normalize": "channel", "q2_pretrain_steps": 60}
 GUIDANCE = 5.0  # CFG scale of the sample grids (against the empty caption); docs/lab.md has the sweep
 
 

@@ -151,3 +151,40 @@ def test_summarize_recovers_known_shares_and_the_report_prints_them():
     s = summary["models"]["m1"]["concept"]
     assert re.search(re.escape(concept_report.pct(s["adapter_share"], s["adapter_share_se"])) + r" \|$", lines[-1])
     assert concept_report.num(s["total"], s["total_se"]) in lines[-1]
+
+
+def test_q2_recipes_are_the_documented_experiment():
+    from anima_ft.config import load_config
+    from anima_ft.lab.pipeline import REPO_ROOT
+
+    lab = REPO_ROOT / "configs" / "lab"
+    base, joint = load_config(lab / "q2_dit_first.yaml"), load_config(lab / "q2_concepts_joint.yaml")
+    ff, red = load_config(lab / "q2_concepts_adapter_frozen_first.yaml"), load_config(lab / "q2_redistribute.yaml")
+    assert base.optim.lr.llm_adapter == 0 and not base.model.init_path and base.optim.lr.cross_attn > 0
+    lrs = {g: getattr(joint.optim.lr, g) for g in ("base", "self_attn", "cross_attn", "mlp", "mod", "llm_adapter")}
+    assert set(lrs.values()) == {1e-3}  # jointly: every group at the same LR
+    for cfg in (joint, ff, red):
+        assert [(s.name, s.weight) for s in cfg.data.sources] == [("styled", 0.5), ("plain", 0.5)]
+        assert sum(st.num_steps for st in cfg.stages) == 150 and cfg.batch.micro_batch_size == 16
+    assert [st.lr.llm_adapter for st in ff.stages] == [0.0, -1.0] and [st.num_steps for st in ff.stages] == [75, 75]
+    assert red.distill.enabled and red.distill.adapter_source == "own" and red.optim.lr.llm_adapter == 0
+    assert {(t.source, t.kind) for t in red.distill.losses} == {("styled", "distill"), ("plain", "distill")}
+
+
+def test_reuse_fingerprints_see_changed_inputs(tmp_path):
+    """A run is reused only if it read the same files: the init checkpoint's bytes and the shard listing count."""
+    from anima_ft.lab.pipeline import input_fingerprints
+
+    ckpt, shards = tmp_path / "base.safetensors", tmp_path / "shards"
+    ckpt.write_bytes(b"one")
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(b"x")
+    args = [f"model.init_path={ckpt}", f"data.sources.0.shards=[{shards}]", "run.seed=0",
+            f"eval.sets=[{{name: s, path: '{shards}'}}]", f"run.dir={tmp_path / 'missing'}"]
+    first = input_fingerprints(args)
+    assert set(first) == {str(ckpt), str(shards)}
+    ckpt.write_bytes(b"two")
+    second = input_fingerprints(args)
+    assert second[str(ckpt)] != first[str(ckpt)] and second[str(shards)] == first[str(shards)]
+    (shards / "b.tar").write_bytes(b"y")
+    assert input_fingerprints(args)[str(shards)] != second[str(shards)]

@@ -262,7 +262,8 @@ def test_q1_comparison_follows_its_formulas_and_rule():
 
 
 @pytest.mark.parametrize("name", ["ft_no_replay", "ft_replay25", "ft_preserve", "ft_replay_preserve",
-                                  "ft_adapter_frozen_first", "pretrain"])
+                                  "ft_adapter_frozen_first", "pretrain", "q2_dit_first", "q2_concepts_joint",
+                                  "q2_concepts_adapter_frozen_first", "q2_redistribute"])
 def test_lab_recipes_validate_and_share_steps_and_batch(name):
     """Every lab recipe validates; the Q1 variants differ only in the off-target quarter of the batch."""
     from anima_ft.config import load_config, validate
