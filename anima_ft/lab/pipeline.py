@@ -169,13 +169,18 @@ def progress_line(name: str, step: int, num_steps: int, elapsed: float, first: t
 
 
 def wait_with_progress(proc: subprocess.Popen, run_dir: Path, num_steps: int, t0: float) -> int:
-    """Wait for the launcher; log :func:`progress_line` every ``PROGRESS_EVERY_S`` s; returns its exit code."""
+    """Wait for the launcher; log :func:`progress_line` every ``PROGRESS_EVERY_S`` s and a closing line; returns its
+    exit code."""
     first, last_print = None, time.perf_counter()
     while True:
         try:
-            return proc.wait(timeout=1.0)
+            rc = proc.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
             pass
+        else:  # the closing line, also for a run shorter than one progress interval
+            logger.info("%s: finished with exit code %d at step %d/%d (%.0f s)", run_dir.name, rc,
+                        last_logged_step(run_dir / "metrics.jsonl"), num_steps, time.perf_counter() - t0)
+            return rc
         now = time.perf_counter()
         if now - last_print >= PROGRESS_EVERY_S:
             step = last_logged_step(run_dir / "metrics.jsonl")

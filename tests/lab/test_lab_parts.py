@@ -225,6 +225,23 @@ def test_progress_line_and_torn_metrics(tmp_path):
         "ft_a: step 60/150 (40%), 5.0 steps/s, ETA 18 s (30 s so far)"
 
 
+def test_a_run_shorter_than_one_interval_still_logs_its_end(tmp_path, caplog):
+    import logging
+    import subprocess
+    import sys
+    import time
+
+    from anima_ft.lab.pipeline import wait_with_progress
+
+    run = tmp_path / "ft_b"
+    run.mkdir()
+    script = f"open({str(run / 'metrics.jsonl')!r}, 'w').write('{{\"step\": 20, \"loss\": 1.0}}\\n'); raise SystemExit(3)"
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    with caplog.at_level(logging.INFO, logger="anima_ft.lab.pipeline"):
+        assert wait_with_progress(proc, run, 20, time.perf_counter()) == 3
+    assert re.search(r"ft_b: finished with exit code 3 at step 20/20 \(\d+ s\)", caplog.text)
+
+
 def _q1_variant(name: str, held_start: float, held_end: list[float], tgt_start: float, tgt_end: list[float]):
     curve = {"h": [[held_start, held_start], [mean_(held_end)] * 2], "t": [[tgt_start, tgt_start], [mean_(tgt_end)] * 2]}
     return VariantResult(name, name, [0, 10], curve, {"h": held_end, "t": tgt_end})
