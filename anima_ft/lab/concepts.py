@@ -138,8 +138,8 @@ def score_samples(exports: dict[str, Path], data_dir: Path, out_dir: Path, seed:
 
     def labelled(folder: str):
         paths = sorted((data_dir / "images" / folder).rglob("*.png"))
-        return (pipeline._png_batch(paths), [index[styles.style_of(p.stem)] for p in paths],
-                [pipeline._label(p) for p in paths])
+        return (pipeline.png_batch(paths), [index[styles.style_of(p.stem)] for p in paths],
+                [pipeline.digit_label(p) for p in paths])
 
     train = [labelled(f) for f in ("plain_train", "styled_train")]
     classifier = StyleClassifier(torch.cat([t[0] for t in train]), train[0][1] + train[1][1], train[0][2] + train[1][2])

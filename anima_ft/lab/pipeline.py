@@ -307,14 +307,16 @@ def read_drift_kinds(path: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def _png_batch(paths: list[Path]) -> torch.Tensor:
+def png_batch(paths: list[Path]) -> torch.Tensor:
+    """PNG files -> float32 ``[B, 3, H, W]`` in ``[-1, 1]``."""
     from PIL import Image
 
     return torch.from_numpy(pixels_from_images([Image.open(p) for p in paths]))
 
 
-def _label(path: Path) -> int:
-    return int(path.name[len("digit")])  # keys are digit<label>_<index>
+def digit_label(path: Path) -> int:
+    """The digit class of a lab image file (keys are ``digit<label>_<index>[_<style>]``)."""
+    return int(path.name[len("digit")])
 
 
 class SampleScorer:
@@ -329,13 +331,13 @@ class SampleScorer:
         self.codec = PCAPatchCodec.load(data_dir / "codec.safetensors")
         self.text = build_text_encoder(seed)
         train = sorted((data_dir / "images").glob("*_train/*.png"))
-        self.classifier = DigitClassifier(_png_batch(train), [_label(p) for p in train])
+        self.classifier = DigitClassifier(png_batch(train), [digit_label(p) for p in train])
         self.groups = {"target": [c for c in range(10) if c in target], "replay": [c for c in range(10)
                                                                                    if c not in target]}
         self.captions = [caption_for(c, 0) for c in range(10)]
         probe = sorted((data_dir / "images").glob("*_probe/*.png"))
-        self.probe_by_class = [[p for p in probe if _label(p) == c] for c in range(10)]
-        self.image_size = _png_batch(probe[:1]).shape[-1]
+        self.probe_by_class = [[p for p in probe if digit_label(p) == c] for c in range(10)]
+        self.image_size = png_batch(probe[:1]).shape[-1]
 
     def score(self, images_10_n: torch.Tensor) -> dict[str, float]:
         """``{"target": acc, "replay": acc, "n_target": n, "n_replay": n}`` of ``[10, n, 3, H, W]`` images whose row
@@ -348,7 +350,7 @@ class SampleScorer:
     def real(self) -> torch.Tensor:
         """Held-out real images after the codec round trip, ``[10, n, 3, H, W]`` (n = the smallest class count)."""
         n_real = min(len(row) for row in self.probe_by_class)
-        pixels = _png_batch([p for row in self.probe_by_class for p in row[:n_real]])
+        pixels = png_batch([p for row in self.probe_by_class for p in row[:n_real]])
         real = self.codec.decode(self.codec.encode(pixels)).clamp(-1, 1)
         return real.view(10, n_real, *real.shape[1:])
 
