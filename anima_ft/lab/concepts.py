@@ -72,9 +72,8 @@ def train_runs(args, q2: Path, preset: dict, shards: dict[str, Path], timings: d
     probe = {"styled": shards["styled_probe"]}  # in training: probed at the first and the last step
 
     def from_base(config: Path, seed_offset: int, init: Path) -> list[str]:
-        return [*pipeline.source_overrides(config, shards, SOURCES), f"run.seed={args.seed + seed_offset}",
-                f"model.init_path={init}", f"eval.probe_every_steps={steps}", f"eval.seed={args.seed}",
-                *pipeline.stage_overrides(config, steps)]
+        return pipeline.from_init_overrides(config, shards, args.seed + seed_offset, init, steps, args.seed, steps,
+                                            SOURCES)
 
     for i, (name, (recipe, offset)) in enumerate(RUNS.items()):
         logger.info("Q2: concept run %d of %d: %s", i + 1, len(RUNS), name)

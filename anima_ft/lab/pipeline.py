@@ -190,6 +190,14 @@ def wait_with_progress(proc: subprocess.Popen, run_dir: Path, num_steps: int, t0
             last_print = now
 
 
+def from_init_overrides(config: Path, shards: dict[str, Path], seed: int, init: Path, probe_every: int,
+                        eval_seed: int, steps: int, names: dict[str, str] = SOURCE_SHARDS) -> list[str]:
+    """Dotlist of a run that starts from the checkpoint ``init``: shard paths, training seed, init path, probe
+    interval and seed (kept apart from the training seed, so runs of other seeds stay paired), stage lengths."""
+    return [*source_overrides(config, shards, names), f"run.seed={seed}", f"model.init_path={init}",
+            f"eval.probe_every_steps={probe_every}", f"eval.seed={eval_seed}", *stage_overrides(config, steps)]
+
+
 def input_fingerprints(args: list[str]) -> dict[str, str]:
     """``{path: fingerprint}`` of every ``key=value`` argument whose value (or list item) is an existing path: a
     file's sha256, a directory's listing (name, size, mtime). A reused run must have read the same inputs: the same

@@ -149,9 +149,8 @@ def from_base_overrides(args: argparse.Namespace, out: Path, preset: dict, shard
     """Dotlist of a run that starts from the base model: shard paths, seeds, init path, probe interval, steps.
 
     ``seed_offset`` changes the training seed only; the probe (``eval.seed``) stays, so runs stay paired."""
-    return [*pipeline.source_overrides(config, shards), f"run.seed={args.seed + seed_offset}",
-            f"model.init_path={out / 'base.safetensors'}", f"eval.probe_every_steps={preset['probe_every']}",
-            f"eval.seed={args.seed}", *pipeline.stage_overrides(config, preset["finetune_steps"])]
+    return pipeline.from_init_overrides(config, shards, args.seed + seed_offset, out / "base.safetensors",
+                                        preset["probe_every"], args.seed, preset["finetune_steps"])
 
 
 def run_redistribution(args: argparse.Namespace, out: Path, preset: dict, shards: dict[str, Path],
