@@ -9,7 +9,8 @@
 * ``"bitflip"``: flip one bit in the middle of the body (the index checksums must catch it; never retried).
 
 ``choose(method, path, headers) -> fault or None`` decides; ``injected`` counts the faults by kind and ``log``
-keeps ``(method, path, range, fault)`` of every request in arrival order.
+keeps ``(method, path, range, fault)`` of every request in arrival order. ``assert_streams_match`` compares a remote
+stream with the same shards read locally, batch by batch, bit for bit.
 """
 
 from __future__ import annotations
@@ -163,3 +164,24 @@ class FaultProxy:
             return
         if h.command != "HEAD":
             h.wfile.write(data)
+
+
+BATCH_TENSORS = ("latents", "qwen_states", "qwen_mask", "t5_ids", "t5_mask")
+
+
+def assert_streams_match(remote, local, num_batches: int) -> None:
+    """Iterate two ``MixedStream`` s side by side for ``num_batches`` micro-batches and assert identical keys,
+    captions and tensors (bit for bit); both iterators are closed."""
+    import torch
+
+    a, b = iter(remote), iter(local)
+    try:
+        for _ in range(num_batches):
+            x, y = next(a), next(b)
+            assert x["key"] == y["key"] and x["caption"] == y["caption"]
+            for name in BATCH_TENSORS:
+                assert torch.equal(x[name], y[name]), name
+    finally:
+        a.close()
+        b.close()
+

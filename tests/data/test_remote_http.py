@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from fault_proxy import FaultProxy, S3Server
+from fault_proxy import FaultProxy, S3Server, assert_streams_match
 
 from anima_ft.config.remote import RemoteConfig
 from anima_ft.data import MixedStream, SourceSpec
@@ -48,14 +48,7 @@ def test_http_stream_matches_local(http_shards):
     remote = MixedStream([SourceSpec("target", urls)], micro_batch_size=2, seed=3,
                          remote=RemoteConfig(prefetch_samples=5, **FAST))
     local = MixedStream([SourceSpec("target", str(target))], micro_batch_size=2, seed=3)
-    a, b = iter(remote), iter(local)
-    for _ in range(10):
-        x, y = next(a), next(b)
-        assert x["key"] == y["key"] and x["caption"] == y["caption"]
-        for name in ("latents", "qwen_states", "qwen_mask", "t5_ids", "t5_mask"):
-            assert torch.equal(x[name], y[name]), name
-    a.close()
-    b.close()
+    assert_streams_match(remote, local, 10)
     assert remote.stats()["io"]["retries"] == 0 and remote.stats()["io"]["requests"] > 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_proxy import assert_streams_match
 
 from anima_ft.config.remote import RemoteConfig
 from anima_ft.data import MixedStream, SourceSpec
@@ -201,14 +202,7 @@ def test_stream_over_http_decodes_in_place_and_matches_local(two_sources, monkey
         remote = MixedStream([SourceSpec("target", urls)], micro_batch_size=2, seed=5,
                              remote=RemoteConfig(prefetch_samples=4, **FAST))
         local = MixedStream([SourceSpec("target", str(target))], micro_batch_size=2, seed=5)
-        a, b = iter(remote), iter(local)
-        for _ in range(12):
-            x, y = next(a), next(b)
-            assert x["key"] == y["key"] and x["caption"] == y["caption"]
-            for name in ("latents", "qwen_states", "qwen_mask", "t5_ids", "t5_mask"):
-                assert torch.equal(x[name], y[name]), name
-        a.close()
-        b.close()
+        assert_streams_match(remote, local, 12)
     finally:
         server.stop()
     assert owned and all(owned) and not copied  # every remote sample decoded in its own receive buffer
