@@ -104,7 +104,7 @@ def write_markdown(result: dict, q2_dir: Path) -> Path:
         "per image, then averaged (+- s.e. over images); shares +- a bootstrap s.e. over images, differences "
         "paired.", "",
         "## Named-concept knowledge (name value)", "",
-        f"Base: {num(summary['mean_losses']['dit_first|dit_first']['untagged'] - summary['mean_losses']['dit_first|dit_first']['styled'])}"
+        f"Base: {num(summary['base_name_value'])}"
         " (the base has never seen the names).", "",
         *_table(summary["models"], "name_value"), "",
         "## Concept loss (styled images, tagged caption)", "",

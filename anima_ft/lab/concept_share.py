@@ -143,6 +143,7 @@ def summarize(losses: Mapping[str, Mapping[str, Sequence[float]]], base: str, mo
             "start_name_value": kept_fraction(start_named, named[joint]["total"], seed),
         }
     out["mean_losses"] = {k: {s: float(np.mean(v[s])) for s in v} for k, v in losses.items()}
+    out["base_name_value"] = float(values[pair_key(base, base)].mean())
     return out
 
 

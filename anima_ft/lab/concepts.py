@@ -55,8 +55,10 @@ def _splits(settings: dict) -> dict:
                                     settings["max_train_per_class"])
 
 
-def train_runs(args, q2: Path, preset: dict, shards: dict[str, Path], timings: dict) -> dict[str, Path]:
-    """The DiT-first base, the three concept runs and the redistribution; returns ``{name: export}``."""
+def train_runs(args, q2: Path, preset: dict, shards: dict[str, Path], timings: dict,
+               run_dirs: dict[str, Path]) -> dict[str, Path]:
+    """The DiT-first base, the three concept runs and the redistribution; returns ``{name: export}`` and fills
+    ``run_dirs`` with ``{timings key: run dir}``."""
     from anima_ft.eval.swap import compose
 
     exports = {BASE: q2 / f"{BASE}.safetensors"}
@@ -66,6 +68,7 @@ def train_runs(args, q2: Path, preset: dict, shards: dict[str, Path], timings: d
     if args.quick:
         over.append("stages.0.warmup_steps=5")
     logger.info("Q2: the DiT-first base, %d steps on plain digits, adapter frozen", preset["q2_pretrain_steps"])
+    run_dirs["Q2 DiT-first base (deepspeed)"] = q2 / BASE
     timings["Q2 DiT-first base (deepspeed)"] = pipeline.launch_training(
         config, q2 / BASE, over, args.nproc, {}, exports[BASE], args.reuse_runs, preset["q2_pretrain_steps"])
     steps = preset["finetune_steps"]
@@ -79,6 +82,7 @@ def train_runs(args, q2: Path, preset: dict, shards: dict[str, Path], timings: d
         logger.info("Q2: concept run %d of %d: %s", i + 1, len(RUNS), name)
         exports[name] = q2 / f"{name}.safetensors"
         config = args.configs / recipe
+        run_dirs[f"Q2 {name} (deepspeed, with probe)"] = q2 / f"ft_{name}"
         timings[f"Q2 {name} (deepspeed, with probe)"] = pipeline.launch_training(
             config, q2 / f"ft_{name}", from_base(config, offset, exports[BASE]), args.nproc, probe, exports[name],
             args.reuse_runs, steps)
@@ -86,6 +90,7 @@ def train_runs(args, q2: Path, preset: dict, shards: dict[str, Path], timings: d
     config = args.configs / "q2_redistribute.yaml"
     exports[REDISTRIBUTED] = q2 / f"{REDISTRIBUTED}.safetensors"
     logger.info("Q2: redistribution (joint DiT + base adapter, distilled from the joint run)")
+    run_dirs[f"Q2 {REDISTRIBUTED} (deepspeed, with probe)"] = q2 / f"ft_{REDISTRIBUTED}"
     timings[f"Q2 {REDISTRIBUTED} (deepspeed, with probe)"] = pipeline.launch_training(
         config, q2 / f"ft_{REDISTRIBUTED}", [*from_base(config, 0, start), f"distill.teacher_path={exports['joint']}"],
         args.nproc, probe, exports[REDISTRIBUTED], args.reuse_runs, steps)
@@ -99,6 +104,9 @@ def probe_all(exports: dict[str, Path], shards: dict[str, Path], eval_cfg) -> di
     from anima_ft.eval.eval_sets import load_shard_eval_set
 
     probes = {s: load_shard_eval_set(shards[f"{s}_probe"], s) for s in concept_share.SETS}
+    keys = {s: [x.key for x in probes[s]] for s in probes}
+    if keys["styled"] != keys["untagged"]:
+        raise RuntimeError("the styled and untagged probe sets must hold the same images in the same order")
     pairs = [(BASE, BASE)] + [p for m in RUNS for p in ((BASE, m), (m, BASE), (m, m))]
     pairs.append((REDISTRIBUTED, REDISTRIBUTED))
     identical = concept_share.same_adapter(exports[BASE], exports[REDISTRIBUTED])
@@ -112,9 +120,6 @@ def probe_all(exports: dict[str, Path], shards: dict[str, Path], eval_cfg) -> di
         filled = {key(BASE, REDISTRIBUTED): key(BASE, BASE), key(REDISTRIBUTED, BASE): key(REDISTRIBUTED, REDISTRIBUTED)}
         for dst, src in filled.items():
             losses[dst] = losses[src]
-    keys = {s: [x.key for x in probes[s]] for s in probes}
-    if keys["styled"] != keys["untagged"]:
-        raise RuntimeError("the styled and untagged probe sets must hold the same images in the same order")
     return {"losses": losses, "filled": filled, "adapter_identical": identical, "keys": keys["styled"],
             "sigmas": list(eval_cfg.sigmas), "num_noises": eval_cfg.num_noises, "seed": eval_cfg.seed}
 
@@ -195,11 +200,11 @@ def run_question2(args, out: Path, preset: dict, timings: dict, cpu: dict, guida
                                  key_folders={"styled_probe": "probe", "untagged_probe": "probe"})
     timings["Q2 prepare" + (" (reused shards)" if data["reused"] else "")] = data["seconds"]
     shards = {s: q2 / "data" / "shards" / s for s in styles.SPLITS}
-    exports = train_runs(args, q2, preset, shards, timings)
-    for key, run in [("Q2 DiT-first base (deepspeed)", BASE), *[(k, "ft_" + k.split()[1]) for k in timings
-                                                                 if k.startswith("Q2 ") and "with probe" in k]]:
-        if timings.get(key) is not None:
-            cpu[key] = json.loads((q2 / run / "timing.json").read_text())["cpu_s"]
+    run_dirs: dict[str, Path] = {}
+    exports = train_runs(args, q2, preset, shards, timings, run_dirs)
+    for key, run in run_dirs.items():
+        if timings.get(key) is not None:  # None: a reused run
+            cpu[key] = json.loads((run / "timing.json").read_text())["cpu_s"]
     t0 = time.perf_counter()
     eval_cfg = load_config(q2 / "ft_joint" / "config.yaml").eval
     probed = probe_all(exports, shards, eval_cfg)

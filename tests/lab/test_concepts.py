@@ -147,6 +147,7 @@ def test_summarize_recovers_known_shares_and_the_report_prints_them():
     assert summary["floor"]["concept"]["diff"] == pytest.approx(
         summary["models"]["m2"]["concept"]["adapter_share"] - summary["models"]["m1"]["concept"]["adapter_share"])
     assert summary["mean_losses"]["A|A"]["styled"] == pytest.approx(np.mean(losses["A|A"]["styled"]))
+    assert summary["base_name_value"] == pytest.approx(np.mean(losses["A|A"]["untagged"]) - np.mean(losses["A|A"]["styled"]))
     lines = concept_report._table({"joint": summary["models"]["m1"]}, "concept")
     s = summary["models"]["m1"]["concept"]
     assert re.search(re.escape(concept_report.pct(s["adapter_share"], s["adapter_share_se"])) + r" \|$", lines[-1])
