@@ -1,4 +1,4 @@
-"""The lab's steps: prepare the digit shards, launch ``deepspeed`` training runs, drift, scored sample grids.
+"""The lab's steps: prepare the digit shards, train (``launch/train.py`` on local ranks), drift, scored sample grids.
 
 Each function does one step of :mod:`anima_ft.lab.run` and writes its outputs under the lab directory::
 
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import torch
 from anima_ft.lab import text_stack
 from anima_ft.lab.codec import PCAPatchCodec
 from anima_ft.lab.digits import caption_vocabulary, load_digit_splits, pixels_from_images, write_image_folder
-from anima_ft.runtime import free_port
+from anima_ft.lab.local_ranks import LocalRanks, command_lines
 
 logger = logging.getLogger(__name__)
 SPLITS = ("target_train", "replay_train", "target_probe", "replay_probe")
@@ -168,7 +169,7 @@ def progress_line(name: str, step: int, num_steps: int, elapsed: float, first: t
     return f"{name}: step {step}/{num_steps} ({100 * step / num_steps:.0f}%), {speed} ({elapsed:.0f} s so far)"
 
 
-def wait_with_progress(proc: subprocess.Popen, run_dir: Path, num_steps: int, t0: float) -> int:
+def wait_with_progress(proc: subprocess.Popen | LocalRanks, run_dir: Path, num_steps: int, t0: float) -> int:
     """Wait for the launcher; log :func:`progress_line` every ``PROGRESS_EVERY_S`` s and a closing line; returns its
     exit code."""
     first, last_print = None, time.perf_counter()
@@ -222,9 +223,11 @@ def input_fingerprints(args: list[str]) -> dict[str, str]:
 
 def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: int, probe_sets: dict[str, Path],
                     export_path: Path, reuse: bool = False, num_steps: int = 0) -> float | None:
-    """``deepspeed --num_gpus nproc launch/train.py --config CONFIG ...`` into a fresh ``run_dir``, then
-    ``anima-ft export`` of its last checkpoint to ``export_path``; returns seconds (wall clock), and writes
-    ``run_dir/timing.json`` (``wall_s`` and ``cpu_s``: the CPU seconds of the ranks, the launcher and the export).
+    """``launch/train.py --config CONFIG ...`` on ``nproc`` local ranks (:class:`~anima_ft.lab.local_ranks.LocalRanks`:
+    the environment contract of ``torchrun``/``srun``, without the ``deepspeed`` launcher's two extra processes) into
+    a fresh ``run_dir``, then ``anima-ft export`` of its last checkpoint to ``export_path``; returns seconds (wall
+    clock), and writes ``run_dir/timing.json`` (``wall_s`` and ``cpu_s``: the CPU seconds of the ranks and the export).
+    ``run_dir/command.txt`` holds the rank commands and the equivalent ``deepspeed`` command.
 
     ``probe_sets`` become the trainer's probe sets (``eval.sets``): the trainer probes them at step 0 and every
     ``eval.probe_every_steps`` steps and writes every image's losses to ``run_dir/probe.jsonl``.
@@ -235,7 +238,6 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
     While it trains, a progress line (step of ``num_steps``, steps/s, ETA; read from ``metrics.jsonl``) is logged at
     least every ``PROGRESS_EVERY_S`` seconds.
     """
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     args = [str(REPO_ROOT / "launch" / "train.py"), "--config", str(config)]
     if probe_sets:
         sets = ", ".join(f"{{name: {name}, path: '{path}'}}" for name, path in probe_sets.items())
@@ -250,17 +252,25 @@ def launch_training(config: Path, run_dir: Path, overrides: list[str], nproc: in
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
+    argv = [sys.executable, "-u", *args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
-    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     logger.info("training %s (%d ranks), log: %s", run_dir.name, nproc, run_dir / "train.log")
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     with open(run_dir / "train.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-        rc = wait_with_progress(proc, run_dir, num_steps, t0)
+        ranks = LocalRanks(argv, nproc, env, log, REPO_ROOT)
+        (run_dir / "command.txt").write_text(
+            f"# {nproc} ranks of launch/train.py on this machine, as the lab started them:\n"
+            + command_lines(argv, nproc, ranks.port)
+            + "# the same run through the deepspeed launcher:\n"
+            + shlex.join(["deepspeed", "--num_gpus", str(nproc), *args]) + "\n")
+        try:
+            rc = wait_with_progress(ranks, run_dir, num_steps, t0)
+        except BaseException:  # Ctrl-C or an error here: no rank outlives the lab
+            ranks.terminate()
+            raise
     if rc != 0:
         tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"training run {run_dir} failed (exit {rc}); last lines of train.log:\n{tail}")
