@@ -1,7 +1,7 @@
 """``anima-ft lab --full``, Question 2: where does a new concept's knowledge go? (docs/lab.md#question-2)
 
 Anima was built from a pretrained DiT to which the LLM adapter was added and trained jointly with it on new concepts
-(artist tags). The lab rebuilds that history in miniature, every run through ``deepspeed launch/train.py``:
+(artist tags). The lab rebuilds that history in miniature, every run through ``launch/train.py``:
 
 1. data (``q2/data``): the digits plain and in four named styles (:mod:`anima_ft.lab.styles`); a codec fitted on
    both, and the text stack over the caption words plus the style names;

@@ -36,11 +36,9 @@ def rank_env(env: Mapping[str, str], rank: int, nproc: int, port: int) -> dict[s
 
 def command_lines(argv: Sequence[str], nproc: int, port: int) -> str:
     """Shell lines that start the same ranks by hand, one per rank (for the run's ``command.txt``)."""
-    names = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_SIZE")
     lines = []
     for rank in range(nproc):
-        env = rank_env({}, rank, nproc, port)
-        prefix = " ".join(f"{k}={env[k]}" for k in names)
+        prefix = " ".join(f"{k}={v}" for k, v in rank_env({}, rank, nproc, port).items())
         lines.append(f"{prefix} {shlex.join(argv)}{' &' if rank < nproc - 1 else ''}")
     return "\n".join(lines) + "\n"
 

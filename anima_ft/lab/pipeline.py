@@ -170,7 +170,7 @@ def progress_line(name: str, step: int, num_steps: int, elapsed: float, first: t
 
 
 def wait_with_progress(proc: subprocess.Popen | LocalRanks, run_dir: Path, num_steps: int, t0: float) -> int:
-    """Wait for the launcher; log :func:`progress_line` every ``PROGRESS_EVERY_S`` s and a closing line; returns its
+    """Wait for the run's processes; log :func:`progress_line` every ``PROGRESS_EVERY_S`` s and a closing line; returns its
     exit code."""
     first, last_print = None, time.perf_counter()
     while True:

@@ -1,6 +1,6 @@
 """The lab's redistribution variant: the base model distilled into its own DiT with a re-initialized adapter.
 
-It trains like every other lab run, ``deepspeed launch/train.py --config configs/lab/redistribute.yaml``
+It trains like every other lab run, ``launch/train.py --config configs/lab/redistribute.yaml``
 (:func:`anima_ft.lab.pipeline.launch_training`, then ``anima-ft export``), with the trainer's distillation hook
 (``distill.enabled``, :mod:`anima_ft.distill`)::
 
@@ -129,7 +129,7 @@ def describe(result: dict, nproc: int, seconds: float | None) -> str:
     lr = rec["lr"]
     took = "reused finished run" if seconds is None else f"{seconds:.0f} s"
     return (f"Student: base DiT + adapter re-initialized (seed {rec['reinit_seed']}), adapter LR "
-            f"{lr['llm_adapter']:g}, DiT LR {lr['base']:g}; {rec['num_steps']} steps of `deepspeed launch/train.py` "
+            f"{lr['llm_adapter']:g}, DiT LR {lr['base']:g}; {rec['num_steps']} steps of `launch/train.py` "
             f"(torch AdamW in DeepSpeed ZeRO-{rec['zero_stage']}, gradient clip {rec['grad_clip']:g}, {nproc} CPU ranks x "
             f"{rec['samples_per_rank_step']} samples): {mix}; "
             f"{took} including the export. Loss terms: "

@@ -155,7 +155,7 @@ def from_base_overrides(args: argparse.Namespace, out: Path, preset: dict, shard
 
 def run_redistribution(args: argparse.Namespace, out: Path, preset: dict, shards: dict[str, Path],
                        probe_sets: dict[str, Path], finals: dict[str, Path], timings: dict) -> Path:
-    """The redistribution variant (:mod:`anima_ft.lab.redistribution`): ``deepspeed launch/train.py`` with
+    """The redistribution variant (:mod:`anima_ft.lab.redistribution`): ``launch/train.py`` with
     ``--distill-recipe`` from the base, export, then the measurements on the export; returns its markdown."""
     from anima_ft.lab import redistribution
 

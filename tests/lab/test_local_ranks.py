@@ -56,7 +56,7 @@ def test_every_rank_sees_the_environment_launch_train_reads(tmp_path, monkeypatc
     assert env_world_size() == 3  # what the trainer's validation reads before any process group exists
 
 
-@pytest.mark.parametrize("codes", [c for c in itertools.product([0, 1, 75], repeat=2)])
+@pytest.mark.parametrize("codes", list(itertools.product([0, 1, 75], repeat=2)))
 def test_exit_code_is_zero_only_when_every_rank_succeeds(tmp_path, codes):
     ranks, log = _start(tmp_path, list(codes), stagger=0.3)
     rc = ranks.wait(timeout=60)
@@ -91,7 +91,7 @@ def test_command_lines_restart_the_same_ranks_by_hand():
     for r, line in enumerate(lines):
         words = shlex.split(line.rstrip(" &"))
         env = dict(w.split("=", 1) for w in words[:6])
-        assert env == {k: v for k, v in rank_env({}, r, 2, 1234).items()}
+        assert env == rank_env({}, r, 2, 1234)
         assert words[6:] == argv  # quoting survives a shell
 
 
