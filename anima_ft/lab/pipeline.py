@@ -391,11 +391,21 @@ def make_grids(checkpoints: dict[str, Path], data_dir: Path, out_dir: Path, seed
     "n_replay": n}}}``; the checkpoint
     ``real probe images`` is the classifier's accuracy on held-out real images after the codec round trip.
     """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # nothing else runs now: use every core
+    try:
+        return _make_grids(checkpoints, data_dir, out_dir, seed, target, per_class, scored_per_class, num_steps,
+                           guidance, shift)
+    finally:  # the measurements after the grids (redistribution, Question 2) run at the process's thread count, as
+        torch.set_num_threads(threads)  # the e2e test's recomputation does (float32 sums differ with the threads)
+
+
+def _make_grids(checkpoints: dict[str, Path], data_dir: Path, out_dir: Path, seed: int, target: tuple[int, ...],
+                per_class: int, scored_per_class: int, num_steps: int, guidance: float, shift: float) -> dict:
     from anima_ft.lab.grids import save_grid
     from anima_ft.model import load_anima
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # nothing else runs now: use every core
     scorer = SampleScorer(data_dir, seed, target)
     labels = [str(c) for c in range(10)]
     grids, accuracy = {}, {}

@@ -299,3 +299,29 @@ def test_lab_recipes_validate_and_share_steps_and_batch(name):
         assert cfg.distill.enabled == (name in ("ft_preserve", "ft_replay_preserve"))
         if cfg.distill.enabled:
             assert cfg.distill.adapter_source == "own" and cfg.distill.teacher == "live"
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_sample_grids_give_back_the_thread_count(monkeypatch, tmp_path, fails):
+    """The grids use every core; the phases after them (redistribution, Question 2) must run at the process's own
+    thread count, or their float32 sums differ from the e2e test's recomputation (seen: 5e-8 relative)."""
+    from anima_ft.lab import pipeline
+
+    def grids(*args):
+        assert torch.get_num_threads() == max(1, min(4, torch.multiprocessing.cpu_count()))
+        if fails:
+            raise RuntimeError("sampling failed")
+        return {"grids": {}, "accuracy": {}}
+
+    monkeypatch.setattr(pipeline, "_make_grids", grids)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="sampling failed"):
+                pipeline.make_grids({}, tmp_path, tmp_path / "g", 0, (0,), 1, 1, 1, 1.0)
+        else:
+            assert pipeline.make_grids({}, tmp_path, tmp_path / "g", 0, (0,), 1, 1, 1, 1.0) == {"grids": {}, "accuracy": {}}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
