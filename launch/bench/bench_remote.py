@@ -9,7 +9,8 @@ the same endpoint and the same objects:
   (``ObjectStore.range_coroutine``, what the loader's requests run); the faster round of either is the limit of
   the setup, the denominator;
 * loader: one ``MixedStream`` (num_workers=0, micro_batch_size 1) with ``data.remote.prefetch_samples = --pool``,
-  checksumming and decoding every sample;
+  checksumming and decoding every sample; ``--workers N`` runs it with N DataLoader worker processes instead (each
+  with its own pool of ``--pool``; for context: the target is one loader process);
 * with ``curl`` installed, also ``curl --parallel`` of the same ranges (a native client, for context only).
 
 Servers (``--server``):
@@ -232,24 +233,43 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def loader_run(source, cfg, samples: int, micro: int = 1) -> tuple[float, float, dict, float, dict]:
-    """One MixedStream (num_workers 0): (seconds for ``samples`` batches after the first, peak RSS growth MB over
-    the RSS before the stream was made, sampled after every batch, io counters, process CPU seconds and CPU
-    seconds by thread over the same batches)."""
+def children_cpu_s() -> dict[int, float]:
+    """CPU seconds (user + system) so far of each live child process of this one (DataLoader workers), by pid."""
+    me, tick, out = os.getpid(), os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            out[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def loader_run(source, cfg, samples: int, micro: int = 1, workers: int = 0) -> tuple[float, float, dict, float, dict]:
+    """One MixedStream with ``workers`` DataLoader workers: (seconds for ``samples`` batches after the first, peak
+    RSS growth MB of this process over its RSS before the stream was made, sampled after every batch, io counters,
+    CPU seconds of this process and its workers, and CPU seconds by thread of this process (``workers`` for the
+    worker processes together), over the same batches)."""
     from anima_ft.data import MixedStream, SourceSpec
 
     rss0 = peak = rss_mb()
-    stream = MixedStream([SourceSpec("bench", source)], micro_batch_size=micro, seed=0, remote=cfg)
+    stream = MixedStream([SourceSpec("bench", source)], micro_batch_size=micro, seed=0, remote=cfg,
+                         num_workers=workers)
     it = iter(stream)
     next(it)  # start-up (the first requests) outside the timed part
-    t0, c0, threads0 = time.perf_counter(), time.process_time(), thread_cpu_s()
+    t0, c0, threads0, kids0 = time.perf_counter(), time.process_time(), thread_cpu_s(), children_cpu_s()
     for _ in range(samples // micro):
         batch = next(it)
         assert batch["latents"].shape == (micro, 16, 128, 128)
         peak = max(peak, rss_mb())
-    load_s, cpu_s, threads = time.perf_counter() - t0, time.process_time() - c0, thread_cpu_s()
+    load_s, cpu_s, threads, kids = time.perf_counter() - t0, time.process_time() - c0, thread_cpu_s(), children_cpu_s()
     it.close()
     by_thread = {k: v - threads0.get(k, 0.0) for k, v in threads.items() if v - threads0.get(k, 0.0) > 0}
+    if workers:
+        by_thread["workers"] = sum(v - kids0.get(pid, 0.0) for pid, v in kids.items())
+        cpu_s += by_thread["workers"]
     return load_s, peak - rss0, stream.stats()["io"], cpu_s, by_thread
 
 
@@ -266,6 +286,8 @@ def main() -> None:
     p.add_argument("--per-shard", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2, help="alternating plain/loader rounds")
     p.add_argument("--micro-batch", type=int, default=1, help="the loader's micro_batch_size")
+    p.add_argument("--workers", type=int, default=0,
+                   help="the loader's num_workers (DataLoader worker processes; 0, the target's one loader process)")
     p.add_argument("--decode-threads", type=int, default=None,
                    help="threads that check and decode remote samples (anima_ft.data.sources.DECODE_THREADS; 0: in "
                         "the consumer's thread); default: the library's")
@@ -327,7 +349,8 @@ def main() -> None:
                 for client in clients:  # the denominator is the faster of the two clients
                     got, s, cpu_s = plain_gets(store, spans, args.pool, client)
                     plain.append((got / s, client, cpu_s / len(spans)))
-                load_s, rss_mb, io, cpu_s, threads = loader_run(source, cfg, args.samples, args.micro_batch)
+                load_s, rss_mb, io, cpu_s, threads = loader_run(source, cfg, args.samples, args.micro_batch,
+                                                                args.workers)
                 loads.append((n * span_bytes / load_s, n / load_s, rss_mb, io, cpu_s / n,
                               {k: round(v / n * 1e3, 2) for k, v in sorted(threads.items())}))
             curl_rate = curl_gets(spans, args.pool)
@@ -341,6 +364,7 @@ def main() -> None:
     print(json.dumps({
         "server": args.server, "served_by": served, "latency_ms": args.latency_ms, "latency_added_by": how,
         "measured_request_latency_ms": round(latency, 1), "pool": args.pool, "micro_batch": args.micro_batch,
+        "workers": args.workers,
         "decode_threads": decode_threads, "sample_bytes": span_bytes, "samples": args.samples,
         "torch_threads": torch.get_num_threads(),
         "plain_get_MBps": round(base_rate / 1e6, 1), "plain_client": base_client,
@@ -352,7 +376,7 @@ def main() -> None:
         "rounds_loader_cpu_ms_per_sample": [round(r[4] * 1e3, 2) for r in loads],
         "rounds_loader_cpu_ms_per_sample_by_thread": [r[5] for r in loads],
         "curl_parallel_MBps": None if curl_rate is None else round(curl_rate / 1e6, 1),
-        "pool_memory_bound_MB": round(args.pool * span_bytes / 1e6, 1), "peak_rss_growth_MB": round(rss_mb, 1),
+        "pool_memory_bound_MB": round(max(1, args.workers) * args.pool * span_bytes / 1e6, 1), "peak_rss_growth_MB": round(rss_mb, 1),
         "io": io, "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "anima_ft": str(Path(sources.__file__).parents[2])}))
