@@ -3,7 +3,7 @@
 Each rank builds the same catalog and planner (``plan.py``) and takes micro-batches ``j = a * W + rank`` of every
 global batch. With ``num_workers = n > 0`` a torch ``DataLoader`` runs n workers; worker k loads this rank's
 micro-batches ``i`` with ``i % n == k`` and the DataLoader returns them round-robin, so the sequence of batches is
-the same for every worker count. The main process advances its own copy of the planner as batches are consumed,
+the same for every worker count. A worker sends each batch's tensors in one buffer (``worker_transport.py``). The main process advances its own copy of the planner as batches are consumed,
 so ``state_dict()`` is exact at every micro-step; prefetched batches are simply dropped on resume or reweighting.
 
 Remote shards (URLs, ``object_store.py``): each consumer plans ahead until ``remote.prefetch_samples`` of its
@@ -34,6 +34,7 @@ from anima_ft.data.object_store import io_summary, redact
 from anima_ft.data.plan import MicroBatchPlan, MixPlanner
 from anima_ft.data.shard_format import SampleError
 from anima_ft.data.sources import Catalog, ShardReader, SourceSpec, build_catalog
+from anima_ft.data.worker_transport import pack, unpack
 
 log = logging.getLogger(__name__)
 T5_EOS = 1
@@ -123,6 +124,7 @@ class _RankStream(IterableDataset):
         reader = ShardReader(self.catalog, remote=self.remote)
         remote = any(reader.is_remote(k) for k in range(len(self.catalog.shard_paths)))
         plans, ahead = self._plans(planner, worker, num_workers), deque()
+        hand_over = (lambda batch: pack(batch, shared=True)) if info is not None else (lambda batch: batch)
         try:
             while True:
                 # remote shards: plan ahead so that the pool always has prefetch_samples spans to fetch
@@ -132,7 +134,7 @@ class _RankStream(IterableDataset):
                     ahead.append(plan)
                     if remote:
                         reader.schedule([sample_id for _, sample_id, _, _ in plan.samples])
-                yield self._load(ahead.popleft(), planner, reader)
+                yield hand_over(self._load(ahead.popleft(), planner, reader))
         finally:
             reader.close()
 
@@ -214,7 +216,7 @@ class MixedStream:
         if self.num_workers == 0:
             dataset.states = self._ahead = {}
             return iter(dataset)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
+        return map(unpack, DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
 
     def _consumed(self, batch: dict) -> None:
         self._skipped.update(batch.pop("_skips"))

@@ -51,11 +51,12 @@ def write_shards(out: Path, name: str, num_samples: int, per_shard: int) -> None
 
 
 def measure(sources: list[SourceSpec], batches: int, micro: int, workers: int) -> tuple[float, float]:
-    """(samples per wall second, samples per CPU second of this process) over ``batches`` micro-batches after two
-    warm-up batches. With workers=0 the CPU-second rate is the per-core rate, immune to other load on the machine."""
+    """(samples per wall second, samples per CPU second of this process) over ``batches`` micro-batches after the
+    warm-up batches. With workers=0 the CPU-second rate is the per-core rate, immune to other load on the machine;
+    with workers, this process's CPU is what taking the batches from the workers costs the training process."""
     stream = MixedStream(sources, micro_batch_size=micro, num_workers=workers, seed=0)
     it = iter(stream)
-    for _ in range(2):
+    for _ in range(2 + 4 * workers):  # the workers' start and their first prefetched batches: outside the timing
         next(it)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in itertools.islice(it, batches):
@@ -164,6 +165,9 @@ def main() -> None:
         result = {"workers": workers, "median_samples_per_wall_s": {k: round(v, 1) for k, v in rates.items()},
                   "wall_runs": {k: [round(r[0], 1) for r in v] for k, v in runs.items()},
                   "end_to_end_mixing_overhead_pct": round(100 * (rates["single"] / rates["mixed"] - 1), 2)}
+        if workers:  # what the training process pays per batch to take it from a worker (the hand-over)
+            result["main_process_cpu_ms_per_batch"] = {
+                k: round(statistics.median(args.micro_batch_size / r[1] for r in v) * 1e3, 3) for k, v in runs.items()}
         if workers == 0:  # one process: CPU seconds are core seconds
             cpu = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
             result["median_samples_per_cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}
