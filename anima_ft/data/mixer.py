@@ -3,8 +3,9 @@
 Each rank builds the same catalog and planner (``plan.py``) and takes micro-batches ``j = a * W + rank`` of every
 global batch. With ``num_workers = n > 0`` a torch ``DataLoader`` runs n workers; worker k loads this rank's
 micro-batches ``i`` with ``i % n == k`` and the DataLoader returns them round-robin, so the sequence of batches is
-the same for every worker count. A worker sends each batch's tensors in one buffer (``worker_transport.py``). The main process advances its own copy of the planner as batches are consumed,
-so ``state_dict()`` is exact at every micro-step; prefetched batches are simply dropped on resume or reweighting.
+the same for every worker count; a worker sends each batch's tensors in one buffer (``worker_transport.py``). The
+main process advances its own copy of the planner as batches are consumed, so ``state_dict()`` is exact at every
+micro-step; prefetched batches are simply dropped on resume or reweighting.
 
 Remote shards (URLs, ``object_store.py``): each consumer plans ahead until ``remote.prefetch_samples`` of its
 samples are scheduled and hands their byte spans to its reader's prefetch pool (``prefetch.py``), so ranged GETs

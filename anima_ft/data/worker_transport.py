@@ -55,13 +55,8 @@ def unpack(batch: dict) -> dict:
     that was not packed is returned as it is."""
     if PACKED not in batch:
         return batch
-    buf, out = batch[PACKED], {}
-    for key, where in batch[LAYOUT]:
-        if where is None:
-            out[key] = batch[key]
-            continue
-        out[key] = _view(buf, *where)
-    return out
+    buf = batch[PACKED]
+    return {key: batch[key] if where is None else _view(buf, *where) for key, where in batch[LAYOUT]}
 
 
 def _view(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], start: int) -> torch.Tensor:
