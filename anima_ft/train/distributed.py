@@ -257,12 +257,15 @@ class PeerWatchdog:
         except Exception:  # noqa: BLE001 - the store host (rank 0 or the launcher) is gone: a failure
             return True
 
-    def report_error(self, msg: str) -> None:
-        """Tell every peer that this rank failed, so that none waits at a collective (best effort, bounded)."""
+    def report_error(self, msg: str) -> str:
+        """Tell every peer that this rank failed, so that none waits at a collective (best effort, bounded). The
+        first failure reported is the one every rank sees (a later one, often a peer's broken connection to the
+        rank that failed first, does not replace it); returns it: ``msg`` itself, or an earlier peer's."""
+        mine = f"rank {self.rank}: {msg}"[:2000]
         try:
-            self._store.set(self._key("error"), f"rank {self.rank}: {msg}"[:2000])
+            return self._store.compare_set(self._key("error"), "", mine).decode(errors="replace")
         except Exception:  # noqa: BLE001 - the store is gone: the peers see that as silence
-            pass
+            return mine
 
     def stop(self) -> None:
         """This rank is done (finished or preempted): stop watching, and tell the peers not to wait for its beat."""
@@ -294,10 +297,13 @@ def stop_watchdog() -> None:
 
 def fail_rank(exc: BaseException) -> NoReturn:
     """End this rank for ``exc``: tell the peers (they exit 1 within one watchdog poll instead of waiting at a
-    collective), print the traceback, exit 1 at once. ``os._exit``: interpreter shutdown with a live process group
+    collective; the first failure reported is kept, and a rank whose error followed a peer's names that peer's
+    first), print the traceback, exit 1 at once. ``os._exit``: interpreter shutdown with a live process group
     and store threads aborts in C++ destructors (SIGABRT) instead of exiting 1."""
     if _watchdog is not None:
-        _watchdog.report_error(f"{type(exc).__name__}: {exc}")
+        first = _watchdog.report_error(f"{type(exc).__name__}: {exc}")
+        if not first.startswith(f"rank {_watchdog.rank}: "):  # this rank's error follows from a peer's
+            _say(f"a peer failed ({first}); ending this rank too. This rank's own error, which followed:")
     sys.stderr.write("".join(traceback.format_exception(exc)))
     sys.stderr.flush()
     sys.stdout.flush()
