@@ -180,6 +180,16 @@ def plain_gets(store, spans: list[tuple[str, int, int]], pool: int, client: str 
     return got, time.perf_counter() - t0, time.process_time() - c0
 
 
+def proc_stat(path: str) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds user + system so far) from a /proc ``stat`` file; None when it is gone."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # the thread or process ended meanwhile
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds (user + system) of this process's threads so far, summed by thread name without its number
     (``MainThread``, ``fsspecIO``, ``span-decode``; /proc/self/task)."""
@@ -188,13 +198,10 @@ def thread_cpu_s() -> dict[str, float]:
     names = {t.native_id: t.name.split("_")[0] for t in threading.enumerate()}
     out: dict[str, float] = {}
     for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        name = names.get(int(tid), "other")
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stat = proc_stat(f"/proc/self/task/{tid}/stat")
+        if stat is not None:
+            name = names.get(int(tid), "other")
+            out[name] = out.get(name, 0.0) + stat[1]
     return out
 
 
@@ -251,24 +258,19 @@ def peak_rss_mb() -> float:
 
 def children_cpu_s() -> dict[int, float]:
     """CPU seconds (user + system) so far of each live child process of this one (DataLoader workers), by pid."""
-    me, tick, out = os.getpid(), os.sysconf("SC_CLK_TCK"), {}
+    me, out = os.getpid(), {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:
-            out[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+        stat = proc_stat(f"/proc/{pid}/stat")
+        if stat is not None and stat[0] == me:
+            out[int(pid)] = stat[1]
     return out
 
 
 def loader_run(source, cfg, samples: int, micro: int = 1, workers: int = 0) -> tuple[float, float, dict, float, dict]:
     """One MixedStream with ``workers`` DataLoader workers: (seconds for ``samples`` batches after the first, peak
     RSS growth MB of this process over its RSS before the stream was made (the kernel's peak mark, reset then; else
-    sampled every 16 batches), io counters,
-    CPU seconds of this process and its workers, and CPU seconds by thread of this process (``workers`` for the
-    worker processes together), over the same batches)."""
+    sampled every 16 batches), io counters, CPU seconds of this process and its workers, and CPU seconds by thread
+    of this process (``workers`` for the worker processes together), over the same batches)."""
     from anima_ft.data import MixedStream, SourceSpec
 
     rss0 = peak = rss_mb()
@@ -396,7 +398,8 @@ def main() -> None:
         "rounds_loader_cpu_ms_per_sample": [round(r[4] * 1e3, 2) for r in loads],
         "rounds_loader_cpu_ms_per_sample_by_thread": [r[5] for r in loads],
         "curl_parallel_MBps": None if curl_rate is None else round(curl_rate / 1e6, 1),
-        "pool_memory_bound_MB": round(max(1, args.workers) * args.pool * span_bytes / 1e6, 1), "peak_rss_growth_MB": round(rss_mb, 1),
+        "pool_memory_bound_MB": round(max(1, args.workers) * args.pool * span_bytes / 1e6, 1),
+        "peak_rss_growth_MB": round(rss_mb, 1),
         "io": io, "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "anima_ft": str(Path(sources.__file__).parents[2])}))
