@@ -3,9 +3,9 @@
 Each rank builds the same catalog and planner (``plan.py``) and takes micro-batches ``j = a * W + rank`` of every
 global batch. With ``num_workers = n > 0`` a torch ``DataLoader`` runs n workers; worker k loads this rank's
 micro-batches ``i`` with ``i % n == k`` and the DataLoader returns them round-robin, so the sequence of batches is
-the same for every worker count; a worker sends each batch's tensors in one buffer (``worker_transport.py``). The
-main process advances its own copy of the planner as batches are consumed, so ``state_dict()`` is exact at every
-micro-step; prefetched batches are simply dropped on resume or reweighting.
+the same for every worker count; a worker hands each batch over through a ring of shared-memory slots
+(``worker_transport.py``). The main process advances its own copy of the planner as batches are consumed, so
+``state_dict()`` is exact at every micro-step; prefetched batches are simply dropped on resume or reweighting.
 
 Remote shards (URLs, ``object_store.py``): each consumer plans ahead until ``remote.prefetch_samples`` of its
 samples are scheduled and hands their byte spans to its reader's prefetch pool (``prefetch.py``), so ranged GETs
@@ -35,7 +35,7 @@ from anima_ft.data.object_store import io_summary, redact
 from anima_ft.data.plan import MicroBatchPlan, MixPlanner
 from anima_ft.data.shard_format import SampleError
 from anima_ft.data.sources import Catalog, ShardReader, SourceSpec, build_catalog
-from anima_ft.data.worker_transport import pack, unpack
+from anima_ft.data.worker_transport import RingReceiver, RingSender
 
 log = logging.getLogger(__name__)
 T5_EOS = 1
@@ -125,7 +125,7 @@ class _RankStream(IterableDataset):
         reader = ShardReader(self.catalog, remote=self.remote)
         remote = any(reader.is_remote(k) for k in range(len(self.catalog.shard_paths)))
         plans, ahead = self._plans(planner, worker, num_workers), deque()
-        hand_over = (lambda batch: pack(batch, shared=True)) if info is not None else (lambda batch: batch)
+        hand_over = RingSender().send if info is not None else (lambda batch: batch)
         try:
             while True:
                 # remote shards: plan ahead so that the pool always has prefetch_samples spans to fetch
@@ -217,7 +217,7 @@ class MixedStream:
         if self.num_workers == 0:
             dataset.states = self._ahead = {}
             return iter(dataset)
-        return map(unpack, DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
+        return map(RingReceiver().receive, DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
 
     def _consumed(self, batch: dict) -> None:
         self._skipped.update(batch.pop("_skips"))
