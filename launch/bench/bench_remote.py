@@ -11,7 +11,9 @@ the same endpoint and the same objects:
 * loader: one ``MixedStream`` (num_workers=0, micro_batch_size 1) with ``data.remote.prefetch_samples = --pool``,
   checksumming and decoding every sample; ``--workers N`` runs it with N DataLoader worker processes instead (each
   with its own pool of ``--pool``; for context: the target is one loader process);
-* with ``curl`` installed, also ``curl --parallel`` of the same ranges (a native client, for context only).
+* with ``curl`` installed, also ``curl --parallel`` of the same ranges (a native client, for context only);
+* with ``--parts``, also parts of the loader alone in every round (:func:`part_run`): the prefetch pool taking bytes,
+  and the reader (pool + decoding): where the loader's share of the plain GETs goes, stage by stage.
 
 Servers (``--server``):
 
@@ -295,6 +297,43 @@ def loader_run(source, cfg, samples: int, micro: int = 1, workers: int = 0) -> t
     return load_s, peak - rss0, stream.stats()["io"], cpu_s, by_thread
 
 
+PARTS = ("prefetch", "decode")
+
+
+def part_run(source, cfg, samples: int, part: str) -> tuple[float, float, dict]:
+    """A part of the loader's pipeline alone, over ``samples`` samples in a scattered order: ``prefetch``, the
+    prefetch pool's requests taken as bytes in order (``SpanPrefetcher`` with the store's request coroutines, nothing
+    decoded); ``decode``, a ``ShardReader`` (the pool plus the checks and decoding in its decode thread) read in
+    order, without the planner, collation or batches. (seconds, process CPU seconds, CPU seconds by thread)."""
+    from anima_ft.data import SourceSpec
+    from anima_ft.data.prefetch import SpanPrefetcher
+    from anima_ft.data.sources import ShardReader, build_catalog
+
+    catalog = build_catalog([SourceSpec("bench", source)], remote=cfg)
+    ids = [(i * 7919) % len(catalog) for i in range(samples + 1)]
+    reader = ShardReader(catalog, remote=cfg)
+    try:
+        if part == "prefetch":
+            spans = [(e["shard"], *e["span"]) for e in map(catalog.entry, ids)]
+            pool = SpanPrefetcher(reader._fetch, cfg.prefetch_samples, submit=reader._submit)
+            pool.schedule(spans)
+            take = lambda k: pool.take(*spans[k])  # noqa: E731
+        else:
+            reader.schedule(ids)
+            pool = None
+            take = lambda k: reader.read(ids[k])  # noqa: E731
+        take(0)  # start-up outside the timed part
+        t0, c0, threads0 = time.perf_counter(), time.process_time(), thread_cpu_s()
+        for k in range(1, samples + 1):
+            take(k)
+        load_s, cpu_s, threads = time.perf_counter() - t0, time.process_time() - c0, thread_cpu_s()
+    finally:
+        if pool is not None:
+            pool.close()
+        reader.close()
+    return load_s, cpu_s, {k: v - threads0.get(k, 0.0) for k, v in threads.items() if v - threads0.get(k, 0.0) > 0}
+
+
 def main() -> None:
     """Run the benchmark and print the JSON result."""
     if sys.argv[1:2] == ["--serve-moto"]:
@@ -313,6 +352,9 @@ def main() -> None:
     p.add_argument("--decode-threads", type=int, default=None,
                    help="threads that check and decode remote samples (anima_ft.data.sources.DECODE_THREADS; 0: in "
                         "the consumer's thread); default: the library's")
+    p.add_argument("--parts", action="store_true",
+                   help="also time parts of the loader alone in every round: the prefetch pool (bytes only) and the "
+                        "reader (pool + decoding), without the planner and collation")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads of this process (1, like a DataLoader worker process)")
     args = p.parse_args()
@@ -363,7 +405,7 @@ def main() -> None:
             store = ObjectStore(cfg)
             plain_gets(store, spans[: args.pool], args.pool)  # connections opened outside the timed part
             latency = measured_latency_ms(store, spans[0])
-            plain, loads = [], []
+            plain, loads, parts = [], [], {part: [] for part in PARTS} if args.parts else {}
             n = args.samples // args.micro_batch * args.micro_batch
             # older anima_ft (A/B runs of this script with PYTHONPATH set to a checkout of it) has only fsspec's
             clients = [c for c in PLAIN_CLIENTS if c != "store" or hasattr(store, "range_coroutine")]
@@ -375,6 +417,12 @@ def main() -> None:
                                                                 args.workers)
                 loads.append((n * span_bytes / load_s, n / load_s, rss_mb, io, cpu_s / n,
                               {k: round(v / n * 1e3, 2) for k, v in sorted(threads.items())}))
+                for part, rounds in parts.items():
+                    part_s, part_cpu, part_threads = part_run(source, cfg, args.samples, part)
+                    rounds.append({"MBps": round(args.samples * span_bytes / part_s / 1e6, 1),
+                                   "cpu_ms_per_sample": round(part_cpu / args.samples * 1e3, 2),
+                                   "by_thread": {k: round(v / args.samples * 1e3, 2)
+                                                 for k, v in sorted(part_threads.items())}})
             curl_rate = curl_gets(spans, args.pool)
         finally:
             if server is not None:
@@ -397,6 +445,9 @@ def main() -> None:
         "rounds_plain_cpu_ms_per_sample": [f"{c} {cpu * 1e3:.2f}" for _, c, cpu in plain],
         "rounds_loader_cpu_ms_per_sample": [round(r[4] * 1e3, 2) for r in loads],
         "rounds_loader_cpu_ms_per_sample_by_thread": [r[5] for r in loads],
+        "rounds_parts": parts or None,
+        "parts_best_share_of_plain": {k: round(max(r["MBps"] for r in v) * 1e6 / base_rate, 3)
+                                      for k, v in parts.items()} or None,
         "curl_parallel_MBps": None if curl_rate is None else round(curl_rate / 1e6, 1),
         "pool_memory_bound_MB": round(max(1, args.workers) * args.pool * span_bytes / 1e6, 1),
         "peak_rss_growth_MB": round(rss_mb, 1),
