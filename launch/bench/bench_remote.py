@@ -115,6 +115,11 @@ class NginxServer:
         self._conf, self._log, self._binary = conf, workdir / "nginx-error.log", binary
         self._proc: subprocess.Popen | None = None
 
+    @property
+    def pid(self) -> int:
+        """The nginx process (with ``master_process off`` the only one: it serves every request)."""
+        return self._proc.pid
+
     def start(self) -> NginxServer:
         """Start nginx and wait until it answers (returns self)."""
         import urllib.request
@@ -152,6 +157,7 @@ def serve_moto(latency_ms: float) -> None:
 
 
 PLAIN_CLIENTS = ("cat_file", "store")
+TARGET_SHARE = 0.8  # the loader's share of the plain GETs' byte rate that docs/data.md#remote-throughput states
 
 
 def plain_gets(store, spans: list[tuple[str, int, int]], pool: int, client: str = "cat_file") -> tuple[int, float, float]:
@@ -258,21 +264,32 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) * 1024 / 1e6 for line in f if line.startswith("VmHWM:"))
 
 
-def children_cpu_s() -> dict[int, float]:
-    """CPU seconds (user + system) so far of each live child process of this one (DataLoader workers), by pid."""
+def children_cpu_s(server_pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of each live child process of this one but the server (DataLoader
+    workers), by pid."""
     me, out = os.getpid(), {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         stat = proc_stat(f"/proc/{pid}/stat")
-        if stat is not None and stat[0] == me:
+        if stat is not None and stat[0] == me and int(pid) != server_pid:
             out[int(pid)] = stat[1]
     return out
 
 
-def loader_run(source, cfg, samples: int, micro: int = 1, workers: int = 0) -> tuple[float, float, dict, float, dict]:
+def server_cpu_s(server_pid: int) -> float:
+    """CPU seconds (user + system) of the server process so far (nginx, or the moto + proxy child)."""
+    stat = proc_stat(f"/proc/{server_pid}/stat")
+    if stat is None:
+        raise RuntimeError(f"the server process {server_pid} is gone")
+    return stat[1]
+
+
+def loader_run(source, cfg, samples: int, server_pid: int, micro: int = 1,
+               workers: int = 0) -> tuple[float, float, dict, float, dict]:
     """One MixedStream with ``workers`` DataLoader workers: (seconds for ``samples`` batches after the first, peak
     RSS growth MB of this process over its RSS before the stream was made (the kernel's peak mark, reset then; else
     sampled every 16 batches), io counters, CPU seconds of this process and its workers, and CPU seconds by thread
-    of this process (``workers`` for the worker processes together), over the same batches)."""
+    of this process (``workers`` for the worker processes together; ``server`` for the server process, not in the
+    total), over the same batches)."""
     from anima_ft.data import MixedStream, SourceSpec
 
     rss0 = peak = rss_mb()
@@ -281,30 +298,67 @@ def loader_run(source, cfg, samples: int, micro: int = 1, workers: int = 0) -> t
                          num_workers=workers)
     it = iter(stream)
     next(it)  # start-up (the first requests) outside the timed part
-    t0, c0, threads0, kids0 = time.perf_counter(), time.process_time(), thread_cpu_s(), children_cpu_s()
+    t0, c0, threads0, kids0 = time.perf_counter(), time.process_time(), thread_cpu_s(), children_cpu_s(server_pid)
+    server0 = server_cpu_s(server_pid)
     for i in range(samples // micro):
         batch = next(it)
         assert batch["latents"].shape == (micro, 16, 128, 128)
         if not kernel_peak and i % 16 == 0:
             peak = max(peak, rss_mb())
-    load_s, cpu_s, threads, kids = time.perf_counter() - t0, time.process_time() - c0, thread_cpu_s(), children_cpu_s()
+    load_s, cpu_s, threads = time.perf_counter() - t0, time.process_time() - c0, thread_cpu_s()
+    kids, server = children_cpu_s(server_pid), server_cpu_s(server_pid) - server0
     peak = max(peak, peak_rss_mb() if kernel_peak else rss_mb())
     it.close()
     by_thread = {k: v - threads0.get(k, 0.0) for k, v in threads.items() if v - threads0.get(k, 0.0) > 0}
     if workers:
         by_thread["workers"] = sum(v - kids0.get(pid, 0.0) for pid, v in kids.items())
         cpu_s += by_thread["workers"]
+    by_thread["server"] = server
     return load_s, peak - rss0, stream.stats()["io"], cpu_s, by_thread
 
 
-PARTS = ("prefetch", "decode")
+PARTS = ("prefetch", "decode", "inline")
+
+
+def inline_run(catalog, ids: list[int], depth: int, store) -> None:
+    """The ``inline`` part: one thread does everything. ``depth`` requests in flight on the filesystem's event loop
+    (the store's request coroutine, as the loader's pool runs it, without retries), each body taken in order,
+    checked, decoded and collated into a micro-batch of one in the loop's own thread: no hand-over between threads
+    at all, and no planner. What the loader's per-sample work costs when nothing else shares the GIL."""
+    from collections import deque
+
+    from fsspec.asyn import sync
+
+    from anima_ft.data.mixer import collate
+    from anima_ft.data.shard_format import decode_owned, decode_span
+
+    fs, _ = store.filesystem(catalog.shard_paths[0])
+    get, names = store.range_coroutine(fs), catalog.names
+
+    async def run() -> None:
+        window, k = deque(), 0
+        for _ in ids:
+            while k < len(ids) and len(window) < depth:
+                entry = catalog.entry(ids[k])
+                path = store.filesystem(catalog.shard_paths[entry["shard"]])[1]
+                window.append((asyncio.ensure_future(get(fs, path, *entry["span"])), entry, ids[k]))
+                k += 1
+            request, entry, sample_id = window.popleft()
+            data = await request
+            decode = decode_owned if type(data) is bytearray else decode_span
+            sample = decode(data, entry, catalog.qwen_dim)
+            sample["key"] = catalog.keys[sample_id]
+            collate([sample], [False], [0], names)
+
+    sync(fs.loop, run)
 
 
 def part_run(source, cfg, samples: int, part: str) -> tuple[float, float, dict]:
     """A part of the loader's pipeline alone, over ``samples`` samples in a scattered order: ``prefetch``, the
     prefetch pool's requests taken as bytes in order (``SpanPrefetcher`` with the store's request coroutines, nothing
     decoded); ``decode``, a ``ShardReader`` (the pool plus the checks and decoding in its decode thread) read in
-    order, without the planner, collation or batches. (seconds, process CPU seconds, CPU seconds by thread)."""
+    order, without the planner, collation or batches; ``inline``, :func:`inline_run`. (seconds, process CPU
+    seconds, CPU seconds by thread)."""
     from anima_ft.data import SourceSpec
     from anima_ft.data.prefetch import SpanPrefetcher
     from anima_ft.data.sources import ShardReader, build_catalog
@@ -312,20 +366,22 @@ def part_run(source, cfg, samples: int, part: str) -> tuple[float, float, dict]:
     catalog = build_catalog([SourceSpec("bench", source)], remote=cfg)
     ids = [(i * 7919) % len(catalog) for i in range(samples + 1)]
     reader = ShardReader(catalog, remote=cfg)
+    pool = None
     try:
         if part == "prefetch":
             spans = [(e["shard"], *e["span"]) for e in map(catalog.entry, ids)]
             pool = SpanPrefetcher(reader._fetch, cfg.prefetch_samples, submit=reader._submit)
             pool.schedule(spans)
-            take = lambda k: pool.take(*spans[k])  # noqa: E731
-        else:
+            run = lambda first, last: [pool.take(*spans[k]) for k in range(first, last)]  # noqa: E731
+        elif part == "decode":
             reader.schedule(ids)
-            pool = None
-            take = lambda k: reader.read(ids[k])  # noqa: E731
-        take(0)  # start-up outside the timed part
+            run = lambda first, last: [reader.read(ids[k]) for k in range(first, last)]  # noqa: E731
+        else:
+            run = lambda first, last: inline_run(  # noqa: E731
+                catalog, ids[first:last], 1 if first == 0 else cfg.prefetch_samples, reader.store)
+        run(0, 1)  # start-up outside the timed part
         t0, c0, threads0 = time.perf_counter(), time.process_time(), thread_cpu_s()
-        for k in range(1, samples + 1):
-            take(k)
+        run(1, samples + 1)
         load_s, cpu_s, threads = time.perf_counter() - t0, time.process_time() - c0, thread_cpu_s()
     finally:
         if pool is not None:
@@ -402,6 +458,7 @@ def main() -> None:
             spans = [(f"{base}bench-{k:04d}.tar", *e["span"]) for k, idx in enumerate(indices)
                      for e in idx["samples"]]
             spans = [spans[(i * 7919) % len(spans)] for i in range(args.samples)]  # scattered, like the loader's
+            server_pid = server.pid if server is not None else child.pid
             store = ObjectStore(cfg)
             plain_gets(store, spans[: args.pool], args.pool)  # connections opened outside the timed part
             latency = measured_latency_ms(store, spans[0])
@@ -411,12 +468,15 @@ def main() -> None:
             clients = [c for c in PLAIN_CLIENTS if c != "store" or hasattr(store, "range_coroutine")]
             for _ in range(args.repeat):
                 for client in clients:  # the denominator is the faster of the two clients
+                    server0 = server_cpu_s(server_pid)
                     got, s, cpu_s = plain_gets(store, spans, args.pool, client)
-                    plain.append((got / s, client, cpu_s / len(spans)))
-                load_s, rss_mb, io, cpu_s, threads = loader_run(source, cfg, args.samples, args.micro_batch,
-                                                                args.workers)
+                    plain.append((got / s, client, cpu_s / len(spans),
+                                  (server_cpu_s(server_pid) - server0) / len(spans)))
+                load_s, rss_mb, io, cpu_s, threads = loader_run(source, cfg, args.samples, server_pid,
+                                                                args.micro_batch, args.workers)
                 loads.append((n * span_bytes / load_s, n / load_s, rss_mb, io, cpu_s / n,
-                              {k: round(v / n * 1e3, 2) for k, v in sorted(threads.items())}))
+                              {k: round(v / n * 1e3, 2) for k, v in sorted(threads.items())},
+                              threads["server"] / n))
                 for part, rounds in parts.items():
                     part_s, part_cpu, part_threads = part_run(source, cfg, args.samples, part)
                     rounds.append({"MBps": round(args.samples * span_bytes / part_s / 1e6, 1),
@@ -430,7 +490,11 @@ def main() -> None:
             if child is not None:
                 child.stdin.close()
                 child.wait(timeout=30)
-    (base_rate, base_client, _), (load_rate, sps, rss_mb, io, _, _) = max(plain), max(loads, key=lambda r: r[0])
+    (base_rate, base_client, *_), (load_rate, sps, rss_mb, io, *_) = max(plain), max(loads, key=lambda r: r[0])
+    # what the target asks of this machine's cores: 0.8 x the plain GETs' rate, each sample costing the loader's
+    # CPU plus the server's (both on this machine), at the loader's cheapest round
+    loader_machine_ms = min(r[4] + r[6] for r in loads) * 1e3
+    cores_needed = TARGET_SHARE * base_rate / span_bytes * loader_machine_ms / 1e3
     print(json.dumps({
         "server": args.server, "served_by": served, "latency_ms": args.latency_ms, "latency_added_by": how,
         "measured_request_latency_ms": round(latency, 1), "pool": args.pool, "micro_batch": args.micro_batch,
@@ -440,14 +504,17 @@ def main() -> None:
         "plain_get_MBps": round(base_rate / 1e6, 1), "plain_client": base_client,
         "loader_MBps": round(load_rate / 1e6, 1),
         "loader_share_of_plain": round(load_rate / base_rate, 3), "loader_samples_per_s": round(sps, 1),
-        "rounds_plain_MBps": [f"{c} {r / 1e6:.1f}" for r, c, _ in plain],
+        "rounds_plain_MBps": [f"{c} {r / 1e6:.1f}" for r, c, *_ in plain],
         "rounds_loader_MBps": [round(r[0] / 1e6, 1) for r in loads],
-        "rounds_plain_cpu_ms_per_sample": [f"{c} {cpu * 1e3:.2f}" for _, c, cpu in plain],
+        "rounds_plain_cpu_ms_per_sample": [f"{c} {cpu * 1e3:.2f}" for _, c, cpu, _ in plain],
+        "rounds_plain_server_cpu_ms_per_sample": [f"{c} {srv * 1e3:.2f}" for _, c, _, srv in plain],
         "rounds_loader_cpu_ms_per_sample": [round(r[4] * 1e3, 2) for r in loads],
         "rounds_loader_cpu_ms_per_sample_by_thread": [r[5] for r in loads],
         "rounds_parts": parts or None,
         "parts_best_share_of_plain": {k: round(max(r["MBps"] for r in v) * 1e6 / base_rate, 3)
                                       for k, v in parts.items()} or None,
+        "cpu_budget": {"loader_plus_server_cpu_ms_per_sample": round(loader_machine_ms, 2),
+                       "cores_needed_for_target": round(cores_needed, 2), "cores": os.cpu_count()},
         "curl_parallel_MBps": None if curl_rate is None else round(curl_rate / 1e6, 1),
         "pool_memory_bound_MB": round(max(1, args.workers) * args.pool * span_bytes / 1e6, 1),
         "peak_rss_growth_MB": round(rss_mb, 1),
