@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from anima_ft.config.remote import RemoteConfig
+from anima_ft.data.driven_loop import driven_loop
 
 log = logging.getLogger(__name__)
 GLOB_CHARS = "*?["
@@ -273,10 +274,12 @@ class ObjectStore:
         return fs, fs._strip_protocol(url) if protocol not in ("http", "https") else url
 
     def _make_fs(self, fsspec, protocol: str):
+        """The filesystem of ``protocol``; the asynchronous ones (S3, GCS, HTTP) on this process's
+        :func:`~anima_ft.data.driven_loop.driven_loop` (see :meth:`wait`)."""
         timeout = self.options.request_timeout_s
         connections = max(10, 2 * self.options.prefetch_samples)
         if protocol in ("s3", "s3a"):
-            fs = fsspec.filesystem(protocol, skip_instance_cache=True, config_kwargs={
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, loop=driven_loop().loop, config_kwargs={
                 "retries": {"total_max_attempts": 1}, "connect_timeout": timeout, "read_timeout": timeout,
                 "max_pool_connections": connections, "http_session_cls": _botocore_session_class()})
             fs.retries = 1  # s3fs's own retry loop: off, every try is made and counted by _call
@@ -284,10 +287,20 @@ class ObjectStore:
         if protocol in ("http", "https"):
             import aiohttp
 
-            return fsspec.filesystem(protocol, skip_instance_cache=True, get_client=_http_client, client_kwargs={
+            return fsspec.filesystem(protocol, skip_instance_cache=True, loop=driven_loop().loop,
+                                     get_client=_http_client, client_kwargs={
                 "timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
                 "limit": connections})
+        if protocol in ("gs", "gcs"):
+            return fsspec.filesystem(protocol, skip_instance_cache=True, loop=driven_loop().loop)
         return fsspec.filesystem(protocol, skip_instance_cache=True)
+
+    @staticmethod
+    def wait(fut: Future) -> Any:
+        """The result of a :meth:`submit_ranges` future, running the requests' event loop in this thread until
+        it is done (:class:`~anima_ft.data.driven_loop.DrivenLoop`): the bodies that arrive meanwhile are received
+        here, with no other thread competing for the GIL."""
+        return driven_loop().wait(fut)
 
     def _call(self, what: str, url: str, fn: Callable[[], Any], expect_len: int | None = None) -> Any:
         """Run ``fn`` with the retry policy; ``expect_len`` makes a shorter result a transient ``short_read``."""

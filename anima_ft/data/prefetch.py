@@ -51,13 +51,14 @@ class SpanPrefetcher:
 
     def __init__(self, fetch: Callable[[int, int, int], bytes], depth: int, max_run_bytes: int = MAX_RUN_BYTES,
                  submit: Callable[[list[Span]], list[Future | None]] | None = None,
-                 decode: Callable[[Span, Any, bytes], Any] | None = None, decode_threads: int = 1):
+                 decode: Callable[[Span, Any, bytes], Any] | None = None, decode_threads: int = 1,
+                 wait: Callable[[Future], Any] = Future.result):
         if depth < 1:
             raise ValueError(f"prefetch depth={depth} must be >= 1")
         if decode_threads < 0:
             raise ValueError(f"prefetch decode_threads={decode_threads} must be >= 0 (0: decode in take)")
         self._fetch, self.depth, self.max_run_bytes = fetch, depth, max_run_bytes
-        self._submit, self._decode, self._decode_threads = submit, decode, decode_threads
+        self._submit, self._decode, self._decode_threads, self._wait = submit, decode, decode_threads, wait
         self._decode_ahead = decode is not None and decode_threads > 0
         self._refill = max(1, depth // 4)
         self._queue: deque[tuple[Span, Any]] = deque()
@@ -162,7 +163,7 @@ class SpanPrefetcher:
         if not run.spans:
             self._window.popleft()
         try:
-            out = slot.result()
+            out = self._wait(slot)
         except Exception:
             if not run.fetch_failed or (run.start, run.end) == (start, end):
                 raise

@@ -308,7 +308,7 @@ def build_catalog(specs: list[SourceSpec], expected_fingerprint=None, validate: 
     return cat
 
 
-DECODE_THREADS = 1  # per reader: checksums and decoding of remote samples beside the consumer's thread (0: in it)
+DECODE_THREADS = 0  # per reader: threads checking and decoding remote samples beside the consumer's (0: in it)
 
 
 class ShardReader:
@@ -357,10 +357,13 @@ class ShardReader:
     @property
     def prefetcher(self) -> SpanPrefetcher:
         """The span prefetcher (made on first use, in the process that reads): requests as coroutines on the
-        storage library's event loop, checksums and decoding in ``DECODE_THREADS`` threads as the bytes arrive."""
+        process's remote I/O loop, which the reading thread runs itself while it waits for a sample
+        (``ObjectStore.wait``); checksums and decoding in the reading thread (or in ``DECODE_THREADS`` threads as
+        the bytes arrive)."""
         if self._prefetch is None:
             self._prefetch = SpanPrefetcher(self._fetch, self.remote.prefetch_samples, submit=self._submit,
-                                            decode=self._decode, decode_threads=DECODE_THREADS)
+                                            decode=self._decode, decode_threads=DECODE_THREADS,
+                                            wait=self.store.wait)
         return self._prefetch
 
     def is_remote(self, shard: int) -> bool:
