@@ -26,6 +26,16 @@ async def _ident_after(delay: float) -> int:
     return threading.get_ident()
 
 
+async def _ident_once_driven(dl: DrivenLoop) -> int:
+    """The ident of the thread that runs this coroutine once a waiter has taken the loop over (not before: a
+    background thread that is still running the loop when the waiter arrives would otherwise be reported, however
+    short the coroutine; how long that takes is up to the scheduler of a busy machine)."""
+    deadline = time.monotonic() + 10  # then report whoever runs it (a wait that never takes over fails, not hangs)
+    while (dl._serving or not dl._driving) and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+    return threading.get_ident()
+
+
 def _serving(dl: DrivenLoop, timeout: float = 5.0) -> None:
     """Wait until the background thread runs the loop."""
     deadline = time.monotonic() + timeout
@@ -34,14 +44,18 @@ def _serving(dl: DrivenLoop, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-def test_the_waiter_runs_the_loop_in_its_own_thread(dl):
-    _serving(dl)
-    fut = asyncio.run_coroutine_threadsafe(_ident_after(0.05), dl.loop)
-    assert dl.wait(fut) == threading.get_ident()
-    assert dl.handovers == 1  # it had to stop the background thread first
-    fut = asyncio.run_coroutine_threadsafe(_ident_after(0.01), dl.loop)
-    assert dl.wait(fut) == threading.get_ident()
-    assert dl.handovers == 1  # within the grace: taken back without a hand-over
+def test_the_waiter_runs_the_loop_in_its_own_thread():
+    dl = DrivenLoop(grace_s=2.0)  # long: the second wait below comes well within it, even on a busy machine
+    try:
+        _serving(dl, timeout=10)
+        fut = asyncio.run_coroutine_threadsafe(_ident_once_driven(dl), dl.loop)
+        assert dl.wait(fut) == threading.get_ident()
+        assert dl.handovers == 1  # it had to stop the background thread first
+        fut = asyncio.run_coroutine_threadsafe(_ident_once_driven(dl), dl.loop)
+        assert dl.wait(fut) == threading.get_ident()
+        assert dl.handovers == 1  # within the grace: taken back without a hand-over
+    finally:
+        dl.close()
 
 
 def test_nobody_waiting_the_background_thread_runs_it_after_the_grace(dl):
@@ -61,7 +75,7 @@ def test_the_futures_error_is_raised_and_the_loop_handed_back(dl):
     with pytest.raises(KeyError, match="bad sample"):
         dl.wait(asyncio.run_coroutine_threadsafe(fail(), dl.loop))
     assert not dl._driving
-    assert dl.wait(asyncio.run_coroutine_threadsafe(_ident_after(0.0), dl.loop)) == threading.get_ident()
+    assert dl.wait(asyncio.run_coroutine_threadsafe(_ident_once_driven(dl), dl.loop)) == threading.get_ident()
 
 
 def test_waiting_inside_the_loop_is_refused(dl):
@@ -115,7 +129,7 @@ def test_any_interleaving_of_waiters_and_plain_results(jobs, grace):
 
 def _child(queue) -> None:
     loop = driven_loop()
-    fut = asyncio.run_coroutine_threadsafe(_ident_after(0.01), loop.loop)
+    fut = asyncio.run_coroutine_threadsafe(_ident_once_driven(loop), loop.loop)
     queue.put((id(loop), loop.wait(fut) == threading.get_ident()))
 
 
@@ -130,5 +144,5 @@ def test_a_forked_child_gets_its_own_loop():
     _, ran_in_child = queue.get(timeout=30)
     proc.join(timeout=30)
     assert proc.exitcode == 0 and ran_in_child
-    fut = asyncio.run_coroutine_threadsafe(_ident_after(0.0), parent.loop)
-    assert parent.wait(fut) == threading.get_ident()
+    fut = asyncio.run_coroutine_threadsafe(_ident_once_driven(parent), parent.loop)
+    assert parent.wait(fut) == threading.get_ident()  # the parent's loop still works, run by its waiter
