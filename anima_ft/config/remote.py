@@ -17,6 +17,10 @@ class RemoteConfig:
 
     prefetch_samples: int = bounded(32, 1)
     """Samples fetched ahead per loader process (requests in flight or ready); memory is about this x sample size."""
+    requests_in_flight: int = bounded(0, 0, note="0 = prefetch_samples")
+    """Of those, at most this many requests in flight at once (0: all of them); below ``prefetch_samples``, samples
+    that arrive before the consumer takes them wait in the other slots while the next requests go on
+    (docs/data.md#remote-throughput)."""
     max_attempts: int = bounded(6, 1)
     """Tries of one request (the first plus retries) on transient errors: 5xx, throttling, resets, timeouts, short bodies."""
     retry_backoff_s: float = bounded(0.25, 0)
@@ -44,6 +48,10 @@ def check_remote(cfg: RemoteConfig, key: str = "data.remote") -> None:
     if cfg.cache_max_gb > 0 and not cfg.cache_dir:
         raise ValueError(f"{key}.cache_max_gb={cfg.cache_max_gb} is set but {key}.cache_dir is empty; name the "
                          "local cache directory or set cache_max_gb=0")
+    if cfg.requests_in_flight > cfg.prefetch_samples:
+        raise ValueError(f"{key}.requests_in_flight={cfg.requests_in_flight} is above {key}.prefetch_samples="
+                         f"{cfg.prefetch_samples}; requests in flight are part of the samples fetched ahead: raise "
+                         f"prefetch_samples or lower requests_in_flight (0 = prefetch_samples)")
     if cfg.retry_backoff_max_s < cfg.retry_backoff_s:
         raise ValueError(f"{key}.retry_backoff_max_s={cfg.retry_backoff_max_s} is below {key}.retry_backoff_s="
                          f"{cfg.retry_backoff_s}; make the cap at least the first wait")

@@ -4,12 +4,13 @@ Writes shards of 1024-px-equivalent samples (latent 16x128x128 bf16 + 512 Qwen t
 each), serves them on 127.0.0.1 with ``--latency-ms`` added to every request, and measures in the same run, against
 the same endpoint and the same objects:
 
-* plain GETs: ``--pool`` concurrent ranged GETs of the sample spans on the event loop of the same filesystem the
-  loader uses, nothing decoded, by two clients: fsspec's ``_cat_file`` and the store's own request coroutine
+* plain GETs: ``--in-flight`` (default ``--pool``) concurrent ranged GETs of the sample spans on the event loop
+  of the same filesystem the loader uses, nothing decoded, by two clients: fsspec's ``_cat_file`` and the store's own request coroutine
   (``ObjectStore.range_coroutine``, what the loader's requests run); the faster round of either is the limit of
   the setup, the denominator;
-* loader: one ``MixedStream`` (num_workers=0, micro_batch_size 1) with ``data.remote.prefetch_samples = --pool``,
-  checksumming and decoding every sample; ``--workers N`` runs it with N DataLoader worker processes instead (each
+* loader: one ``MixedStream`` (num_workers=0, micro_batch_size 1) with ``data.remote.prefetch_samples = --pool``
+  and ``data.remote.requests_in_flight = --in-flight`` (as many requests in flight as the plain GETs), checksumming
+  and decoding every sample; ``--workers N`` runs it with N DataLoader worker processes instead (each
   with its own pool of ``--pool``; for context: the target is one loader process);
 * with ``curl`` installed, also ``curl --parallel`` of the same ranges (a native client, for context only);
 * with ``--parts``, also parts of the loader alone in every round (:func:`part_run`): the prefetch pool taking bytes,
@@ -370,15 +371,17 @@ def part_run(source, cfg, samples: int, part: str) -> tuple[float, float, dict]:
     try:
         if part == "prefetch":
             spans = [(e["shard"], *e["span"]) for e in map(catalog.entry, ids)]
-            pool = SpanPrefetcher(reader._fetch, cfg.prefetch_samples, submit=reader._submit)
+            pool = SpanPrefetcher(reader._fetch, cfg.prefetch_samples, submit=reader._submit,
+                                  in_flight=getattr(cfg, "requests_in_flight", 0) or None)
             pool.schedule(spans)
             run = lambda first, last: [pool.take(*spans[k]) for k in range(first, last)]  # noqa: E731
         elif part == "decode":
             reader.schedule(ids)
             run = lambda first, last: [reader.read(ids[k]) for k in range(first, last)]  # noqa: E731
         else:
+            depth = getattr(cfg, "requests_in_flight", 0) or cfg.prefetch_samples
             run = lambda first, last: inline_run(  # noqa: E731
-                catalog, ids[first:last], 1 if first == 0 else cfg.prefetch_samples, reader.store)
+                catalog, ids[first:last], 1 if first == 0 else depth, reader.store)
         run(0, 1)  # start-up outside the timed part
         t0, c0, threads0 = time.perf_counter(), time.process_time(), thread_cpu_s()
         run(1, samples + 1)
@@ -397,7 +400,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", choices=("nginx", "moto"), default="nginx")
     p.add_argument("--latency-ms", type=float, default=20.0)
-    p.add_argument("--pool", type=int, default=32, help="prefetch pool size = concurrent plain GETs")
+    p.add_argument("--pool", type=int, default=32, help="prefetch pool size (data.remote.prefetch_samples: samples "
+                   "in flight or fetched, not taken yet)")
+    p.add_argument("--in-flight", type=int, default=0, help="of those, requests in flight at once "
+                   "(data.remote.requests_in_flight; 0: the pool) = the concurrent plain GETs")
     p.add_argument("--samples", type=int, default=600, help="samples read by each side")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=32)
@@ -424,7 +430,12 @@ def main() -> None:
         sources.DECODE_THREADS = args.decode_threads
     decode_threads = getattr(sources, "DECODE_THREADS", 0)  # 0: decoded in the consumer's thread (older code)
 
-    cfg = RemoteConfig(prefetch_samples=args.pool)
+    fields = getattr(RemoteConfig, "__dataclass_fields__", {})  # older anima_ft (A/B runs) has no requests_in_flight
+    cfg = (RemoteConfig(prefetch_samples=args.pool, requests_in_flight=args.in_flight)
+           if "requests_in_flight" in fields else RemoteConfig(prefetch_samples=args.pool))
+    if args.in_flight and "requests_in_flight" not in fields:
+        raise SystemExit("bench_remote --in-flight: this anima_ft has no data.remote.requests_in_flight")
+    concurrency = args.in_flight or args.pool  # requests in flight: the loader's and the plain GETs'
     if args.server == "nginx":
         nginx_paths()  # before minutes of writing shards
     with tempfile.TemporaryDirectory() as tmp:
@@ -460,7 +471,7 @@ def main() -> None:
             spans = [spans[(i * 7919) % len(spans)] for i in range(args.samples)]  # scattered, like the loader's
             server_pid = server.pid if server is not None else child.pid
             store = ObjectStore(cfg)
-            plain_gets(store, spans[: args.pool], args.pool)  # connections opened outside the timed part
+            plain_gets(store, spans[:concurrency], concurrency)  # connections opened outside the timed part
             latency = measured_latency_ms(store, spans[0])
             plain, loads, parts = [], [], {part: [] for part in PARTS} if args.parts else {}
             n = args.samples // args.micro_batch * args.micro_batch
@@ -469,7 +480,7 @@ def main() -> None:
             for _ in range(args.repeat):
                 for client in clients:  # the denominator is the faster of the two clients
                     server0 = server_cpu_s(server_pid)
-                    got, s, cpu_s = plain_gets(store, spans, args.pool, client)
+                    got, s, cpu_s = plain_gets(store, spans, concurrency, client)
                     plain.append((got / s, client, cpu_s / len(spans),
                                   (server_cpu_s(server_pid) - server0) / len(spans)))
                 load_s, rss_mb, io, cpu_s, threads = loader_run(source, cfg, args.samples, server_pid,
@@ -483,7 +494,7 @@ def main() -> None:
                                    "cpu_ms_per_sample": round(part_cpu / args.samples * 1e3, 2),
                                    "by_thread": {k: round(v / args.samples * 1e3, 2)
                                                  for k, v in sorted(part_threads.items())}})
-            curl_rate = curl_gets(spans, args.pool)
+            curl_rate = curl_gets(spans, concurrency)
         finally:
             if server is not None:
                 server.stop()
@@ -497,7 +508,8 @@ def main() -> None:
     cores_needed = TARGET_SHARE * base_rate / span_bytes * loader_machine_ms / 1e3
     print(json.dumps({
         "server": args.server, "served_by": served, "latency_ms": args.latency_ms, "latency_added_by": how,
-        "measured_request_latency_ms": round(latency, 1), "pool": args.pool, "micro_batch": args.micro_batch,
+        "measured_request_latency_ms": round(latency, 1), "pool": args.pool, "in_flight": concurrency,
+        "micro_batch": args.micro_batch,
         "workers": args.workers,
         "decode_threads": decode_threads, "sample_bytes": span_bytes, "samples": args.samples,
         "torch_threads": torch.get_num_threads(),

@@ -175,8 +175,10 @@ def test_injected_faults_are_retried_and_counted(s3, clean_proxy):
     clean_proxy.injected.clear()
 
 
-def test_stream_under_faults_still_matches_local(s3, clean_proxy):
-    remote = stream(s3, True, cfg=RemoteConfig(prefetch_samples=4, max_attempts=12, **FAST))
+@pytest.mark.parametrize("in_flight", [0, 2])
+def test_stream_under_faults_still_matches_local(s3, clean_proxy, in_flight):
+    remote = stream(s3, True, cfg=RemoteConfig(prefetch_samples=4, requests_in_flight=in_flight, max_attempts=12,
+                                               **FAST))
     clean_proxy.choose = _faults(seed=5, rate=0.25)
     got = take(remote, 10)
     clean_proxy.choose = lambda m, p, h: None

@@ -42,11 +42,12 @@ def http_shards(two_sources):
     server.stop()
 
 
-def test_http_stream_matches_local(http_shards):
+@pytest.mark.parametrize("in_flight", [0, 2])  # 2 of 5: the completing thread starts the next requests
+def test_http_stream_matches_local(http_shards, in_flight):
     proxy, target, urls = http_shards
     proxy.choose = lambda m, p, h: None
     remote = MixedStream([SourceSpec("target", urls)], micro_batch_size=2, seed=3,
-                         remote=RemoteConfig(prefetch_samples=5, **FAST))
+                         remote=RemoteConfig(prefetch_samples=5, requests_in_flight=in_flight, **FAST))
     local = MixedStream([SourceSpec("target", str(target))], micro_batch_size=2, seed=3)
     assert_streams_match(remote, local, 10)
     assert remote.stats()["io"]["retries"] == 0 and remote.stats()["io"]["requests"] > 0

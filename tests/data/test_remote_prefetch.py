@@ -9,6 +9,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from anima_ft.data.prefetch import SpanPrefetcher
 
@@ -123,3 +125,137 @@ def test_refills_start_in_groups_of_a_quarter_of_the_depth():
         assert pf._held <= 16
     pf.close()
     pool.shutdown()
+
+
+class _Server:
+    """Requests as Futures completed by one thread in a random order after random delays (like the event loop's
+    thread completing them), some failing; counts the spans in flight (``starts`` of the scheduled spans inside each
+    request) and records the most ever."""
+
+    def __init__(self, seed: int, starts: set, fail: set):
+        import random
+
+        self.rng, self.starts, self.fail = random.Random(seed), starts, fail
+        self.open: list = []
+        self.failed: set = set()  # (start, end) of the requests failed
+        self.flying = self.peak = self.requests = 0
+        self.lock = threading.Lock()
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def submit(self, spans):
+        futures = []
+        with self.lock:
+            for _, start, end in spans:
+                n = sum(start <= s < end for s in self.starts)
+                fut = Future()
+                self.open.append((fut, start, end, n))
+                self.flying += n
+                self.requests += 1
+                self.peak = max(self.peak, self.flying)
+                futures.append(fut)
+        return futures
+
+    def _run(self):
+        import time
+
+        while not self.stop:
+            with self.lock:
+                item = self.open.pop(self.rng.randrange(len(self.open))) if self.open else None
+                if item is not None:
+                    self.flying -= item[3]
+            if item is None:
+                time.sleep(0.0005)
+                continue
+            time.sleep(self.rng.choice([0, 0, 0.0005, 0.002]))
+            fut, start, end, _ = item
+            if fut.cancelled():  # by close
+                continue
+            if start in self.fail:
+                self.failed.add((start, end))
+                fut.set_exception(OSError(f"injected failure of [{start}, {end})"))
+            else:
+                fut.set_result(DATA[start:end])  # the done callbacks (refills) run here, in the server's thread
+
+
+@settings(max_examples=40, deadline=None)
+@given(depth=st.integers(1, 8), in_flight_cut=st.integers(0, 7), lengths=st.lists(st.integers(1, 40), min_size=1,
+       max_size=30), gaps=st.lists(st.booleans(), min_size=30, max_size=30), fails=st.sets(st.integers(0, 29),
+       max_size=4), seed=st.integers(0, 2**16), decode_threads=st.sampled_from([0, 1]))
+def test_any_completion_order_keeps_the_order_the_bytes_and_both_bounds(depth, in_flight_cut, lengths, gaps, fails,
+                                                                        seed, decode_threads):
+    """Spans (some adjacent: coalesced into runs) taken in order while a server thread completes requests in a
+    random order, some failing: every take returns the exact bytes, or the request's error when its request was
+    that span alone (a failed run of several is read again span by span by ``fetch``); at most ``depth`` spans are
+    held and at most ``in_flight`` are in flight at any time; nothing hangs."""
+    in_flight = max(1, depth - in_flight_cut)
+    spans, pos = [], 0
+    for length, gap in zip(lengths, gaps):
+        pos += 5 if gap else 0
+        spans.append((0, pos, pos + length))
+        pos += length
+    fail_starts = {spans[i][1] for i in fails if i < len(spans)}
+    server = _Server(seed, {s[1] for s in spans}, fail_starts)
+    fetched = []
+
+    def fetch(shard, start, end):
+        fetched.append((start, end))
+        return DATA[start:end]
+
+    decode = (lambda span, tag, data: (tag, bytes(data))) if decode_threads else None
+    pf = SpanPrefetcher(fetch, depth=depth, max_run_bytes=64, submit=server.submit, decode=decode,
+                        decode_threads=decode_threads, in_flight=in_flight)
+    try:
+        pf.schedule(spans, tags=list(range(len(spans))))
+        for i, span in enumerate(spans):
+            assert pf._held <= depth
+            try:
+                got = pf.take(*span)
+            except OSError:
+                assert span[1:] in server.failed and span[1:] not in fetched  # its own request failed: final
+                continue
+            want = DATA[span[1]:span[2]]
+            assert got == ((i, want) if decode_threads else want)
+            assert span[1:] not in server.failed
+    finally:
+        server.stop = True
+        pf.close()
+        server.thread.join(timeout=10)
+    assert server.peak <= in_flight
+    in_failed_runs = {s[1:] for s in spans if any(a <= s[1] < b and (a, b) != s[1:] for a, b in server.failed)}
+    assert set(fetched) == in_failed_runs  # fetch read exactly the spans of the failed runs of several
+
+
+def test_a_slow_request_does_not_hold_back_the_ones_behind_it():
+    """in_flight < depth: with the first request held by the server, the others still complete and are replaced
+    at once (by the completing thread, not by the consumer's takes) until ``depth`` spans are held."""
+    futures = []
+
+    def submit(spans):
+        new = [Future() for _ in spans]
+        futures.extend(new)
+        return new
+
+    spans = [(k, 0, 10) for k in range(20)]  # different shards: one request per span
+    pf = SpanPrefetcher(lambda *s: b"", depth=8, in_flight=4, submit=submit)
+    pf.schedule(spans)
+    assert len(futures) == 4  # in_flight requests, not depth
+    done = 1
+    while done < len(futures):  # the server completes every request but the first, in turn
+        futures[done].set_result(DATA[:10])
+        done += 1
+    assert len(futures) == 8 and pf._held == 8  # requests went on behind the slow first one, up to depth
+    futures[0].set_result(DATA[:10])
+    assert all(pf.take(*span) == DATA[:10] for span in spans[:8])
+    for k, span in enumerate(spans[8:], start=8):
+        assert len(futures) > k, f"request {k} was never started"
+        if not futures[k].done():
+            futures[k].set_result(DATA[:10])
+        assert pf.take(*span) == DATA[:10]
+    pf.close()
+
+
+def test_in_flight_above_depth_is_refused():
+    with pytest.raises(ValueError, match="in_flight=9 must be between 1 and depth=8"):
+        SpanPrefetcher(lambda *s: b"", depth=8, in_flight=9)
