@@ -39,6 +39,11 @@ class RemoteConfig:
     cache_max_gb: float = bounded(0.0, 0, note="0 = no cache")
     """Size cap of ``cache_dir`` in GiB; least recently used shards are removed first. Needed when cache_dir is set."""
 
+    @property
+    def requests_at_once(self) -> int:
+        """The requests a prefetch pool keeps in flight: ``requests_in_flight``, or ``prefetch_samples`` when 0."""
+        return self.requests_in_flight or self.prefetch_samples
+
 
 def check_remote(cfg: RemoteConfig, key: str = "data.remote") -> None:
     """Raise ValueError naming the field for cache settings that do not go together."""

@@ -364,7 +364,7 @@ class ShardReader:
             self._prefetch = SpanPrefetcher(self._fetch, self.remote.prefetch_samples, submit=self._submit,
                                             decode=self._decode, decode_threads=DECODE_THREADS,
                                             wait=self.store.wait,
-                                            in_flight=self.remote.requests_in_flight or None)
+                                            in_flight=self.remote.requests_at_once)
         return self._prefetch
 
     def is_remote(self, shard: int) -> bool:

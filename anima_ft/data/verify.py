@@ -97,7 +97,7 @@ def verify_shard(path: Path | str, report: VerifyReport, bar: tqdm, index_only: 
     problems = [entry_problem(entry, size) for entry in index["samples"]]
     if is_url(path):
         reads = SpanPrefetcher(lambda _, a, b: store.read_range(str(path), a, b), store.options.prefetch_samples,
-                               in_flight=store.options.requests_in_flight or None)
+                               in_flight=store.options.requests_at_once)
         if not index_only:
             reads.schedule((0, *e["span"]) for e, p in zip(index["samples"], problems) if p is None)
         read = lambda entry: decode_span(reads.take(0, *entry["span"]), entry, index["qwen_dim"])

@@ -5,7 +5,9 @@ The reference for every span is the slice of the source bytes (and its decode co
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -133,8 +135,6 @@ class _Server:
     request) and records the most ever."""
 
     def __init__(self, seed: int, starts: set, fail: set):
-        import random
-
         self.rng, self.starts, self.fail = random.Random(seed), starts, fail
         self.open: list = []
         self.failed: set = set()  # (start, end) of the requests failed
@@ -158,8 +158,6 @@ class _Server:
         return futures
 
     def _run(self):
-        import time
-
         while not self.stop:
             with self.lock:
                 item = self.open.pop(self.rng.randrange(len(self.open))) if self.open else None
